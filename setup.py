@@ -1,0 +1,37 @@
+"""timers1: the open training system for Timer-S1-class time-series foundation models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="timers1",
+    version="0.1.0",
+    description="Training system for Timer-S1 time-series Mixture-of-Experts foundation models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # src layout; the Triton kernels live at the top level for visibility but install as
+    # the subpackage timers1.kernels so that `import timers1.kernels` works everywhere.
+    package_dir={"": "src", "timers1.kernels": "kernels"},
+    packages=find_packages("src") + ["timers1.kernels"],
+    install_requires=[
+        # Pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU machines, and
+        # triton 3.7.1 is what CUDA torch 2.13 pins.
+        "torch==2.13.0",
+        "triton==3.7.1",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "PyYAML>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            # The released Timer-S1 code, used only by tests as the numerical oracle.
+            "sktime==1.2.0",
+            "transformers<5",
+        ],
+    },
+    entry_points={"console_scripts": ["timers1=timers1.cli:main"]},
+)

@@ -1,0 +1,422 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+One YAML file describes one run. Every section maps onto one dataclass below; every field is
+documented where it is declared. Defaults describe the released Timer-S1 flagship (8.3B), so
+instantiating ``Config()`` names a real model; CPU-sized runs come from ``configs/tiny.yaml``.
+
+Errors name the field by its dotted path (``moe.top_k``) and the bad value, and the file when
+the value came from one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    """The Timer-S1 architecture (released config.json names in brackets)."""
+
+    patch_points: int = 16
+    """Points per input patch token [input_token_len]; also the output patch length."""
+    hidden_size: int = 1024
+    """Model width D [hidden_size]."""
+    num_layers: int = 24
+    """Main TimeMoE blocks L [num_hidden_layers]."""
+    num_stp_blocks: int = 16
+    """TimeSTP blocks H, each predicting one patch further ahead [num_mtp_tokens]."""
+    num_heads: int = 16
+    """Attention heads; head dim = hidden_size / num_heads [num_attention_heads]."""
+    intermediate_size: int = 4096
+    """Patch-embedding hidden width; each expert's width is this // moe.top_k [intermediate_size]."""
+    quantiles: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    """Predicted quantile levels, ascending; the median must be one of them [quantiles]."""
+    rope_theta: float = 10000.0
+    """RoPE base [rope_theta]."""
+    max_position_embeddings: int = 12800
+    """RoPE table size in patches [max_position_embeddings]; longer inputs extend it."""
+    dropout: float = 0.1
+    """Dropout in the embedding, head and attention, train mode only [dropout_rate]."""
+    init_std: float = 0.02
+    """Std of the normal init of Linear weights; biases start at zero [initializer_range]."""
+    max_context_points: int = 11520
+    """Forecasting truncates contexts to the most recent this-many points."""
+
+
+@dataclass
+class MoEConfig:
+    """Routing and experts of every TimeMoE block (main and STP)."""
+
+    num_experts: int = 32
+    """Experts E per block [num_experts]."""
+    top_k: int = 2
+    """Experts chosen per token K [num_experts_per_token]."""
+    renormalize_weights: bool = False
+    """Renormalize the K routing weights to sum to 1 (Timer-S1 does not)."""
+    aux_loss_coef: float = 0.02
+    """alpha of the Switch load-balancing loss; unpublished for Timer-S1, Time-MoE used 0.02."""
+    z_loss_coef: float = 0.0
+    """Router z-loss coefficient (mean squared logsumexp of router logits); 0 disables it."""
+    kernel_backend: str = "auto"
+    """'auto' (Triton on CUDA tensors, PyTorch elsewhere), 'triton' or 'torch'."""
+
+
+@dataclass
+class DataConfig:
+    """Training corpus and window sampling."""
+
+    corpus_dir: str = ""
+    """Directory of a built corpus (Parquet shards + manifest); empty means the built-in corpus."""
+    context_points: int = 2880
+    """Points the model sees per training window (a multiple of model.patch_points)."""
+    seed: int = 0
+    """Seed of the window sampler and augmentation."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    mixture_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight per domain or source name; names not listed get weight 1."""
+    flip_probability: float = 0.0
+    """Probability of multiplying a whole window (input and target) by -1."""
+    resample_probability: float = 0.0
+    """Probability of Fourier-basis resampling a window to another rate."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is laid out over ranks; the product must equal the world size."""
+
+    dp_replicate: int = 1
+    """Replicated data-parallel groups (HSDP outer dimension)."""
+    dp_shard: int = -1
+    """FSDP sharding degree; -1 takes whatever the other dimensions leave."""
+    tp: int = 1
+    """Tensor (and sequence) parallel degree."""
+    pp: int = 1
+    """Pipeline stages."""
+    ep: int = 1
+    """Expert-parallel degree, carved out of dp_shard x tp."""
+    pp_schedule: str = "1f1b"
+    """'1f1b' or 'interleaved_1f1b'."""
+    pp_microbatches: int = 4
+    """Microbatches per step when pp > 1."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 100000
+    """Optimizer steps to run."""
+    batch_size: int = 256
+    """Global windows per optimizer step (across ranks and accumulation)."""
+    grad_accum_steps: int = 1
+    """Microbatches accumulated per optimizer step on each rank."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 1000
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """'cosine' or 'wsd' (warmup-stable-decay)."""
+    wsd_decay_fraction: float = 0.1
+    """Fraction of steps spent decaying at the end of a 'wsd' schedule."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip_norm: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+    stp_weighting: str = "uniform"
+    """'uniform' (pre-training: 1/H sum_j) or 'inv_sqrt' (continued pre-training: 1/sqrt(j))."""
+    optimizer: str = "adamw"
+    """'adamw' (torch) or 'deepspeed_cpu_adam' (host-offloaded states)."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
+    max_nonfinite_steps_in_row: int = 5
+    """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
+    seed: int = 0
+    """Seed of parameter init and dropout."""
+    log_interval_steps: int = 1
+    """Steps between metric lines."""
+    run_dir: str = "runs/default"
+    """Where the resolved config, metrics and checkpoints go."""
+    peak_tflops: float = 0.0
+    """Hardware peak for MFU; 0 measures a dense matmul at start."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints."""
+
+    save_interval_steps: int = 1000
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = 3
+    """Complete checkpoints kept on disk."""
+    async_save: bool = True
+    """Write checkpoints in the background while training continues."""
+    init_from: str = ""
+    """Checkpoint (ours or the released HF format) whose weights start this run."""
+
+
+@dataclass
+class EvalConfig:
+    """Forecast evaluation after training."""
+
+    data_dir: str = ""
+    """GIFT-8 style data directory; empty skips the evaluation."""
+    context_points: int = 0
+    """Context used at evaluation; 0 means model.max_context_points."""
+    batch_size: int = 64
+    """Series per forward pass."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        validate(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction from plain data, with type checking that names the field.
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check (and losslessly widen) ``value`` against the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, path): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown field(s) {', '.join(where + u for u in unknown)}; "
+            f"known: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{path}.{name}" if path else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, sub)
+        else:
+            kwargs[name] = _coerce(value, tp, sub)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested plain data (as read from YAML)."""
+    return validate(_build(Config, data or {}, ""))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.field=value")
+    key, raw = item.split("=", 1)
+    keys = key.strip().split(".")
+    if any(not k for k in keys):
+        raise ConfigError(f"override {item!r} has an empty field name")
+    # YAML parses the value so that 2 is an int, 1e-3 a float, true a bool, [1,2] a list.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    # PyYAML reads 1e-3 as a string (YAML 1.1); accept it as the float it obviously is.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides to nested plain data, in order."""
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every rule names the field and the value.
+
+def _require(ok: bool, field_path: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_path}={value!r}: {why}")
+
+
+def validate(cfg: Config) -> Config:
+    m, moe, d, p, t, c = cfg.model, cfg.moe, cfg.data, cfg.parallel, cfg.train, cfg.checkpoint
+    for name in ("patch_points", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_position_embeddings", "max_context_points"):
+        _require(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
+    _require(m.num_stp_blocks >= 0, "model.num_stp_blocks", m.num_stp_blocks, "must be >= 0")
+    _require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+             f"must divide model.hidden_size={m.hidden_size}")
+    head_dim = m.hidden_size // m.num_heads
+    _require(head_dim % 2 == 0, "model.num_heads", m.num_heads,
+             f"gives an odd head dim {head_dim}; RoPE needs an even one")
+    q = m.quantiles
+    _require(len(q) >= 1 and all(0.0 < x < 1.0 for x in q) and q == sorted(q) and len(set(q)) == len(q),
+             "model.quantiles", q, "must be distinct, ascending, strictly between 0 and 1")
+    _require(any(math.isclose(x, 0.5) for x in q), "model.quantiles", q, "must contain 0.5 (the median)")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+
+    _require(moe.num_experts >= 1, "moe.num_experts", moe.num_experts, "must be >= 1")
+    _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k", moe.top_k,
+             f"must be between 1 and moe.num_experts={moe.num_experts}")
+    _require(m.intermediate_size % moe.top_k == 0, "moe.top_k", moe.top_k,
+             f"must divide model.intermediate_size={m.intermediate_size} (expert width = intermediate_size // top_k)")
+    _require(moe.aux_loss_coef >= 0, "moe.aux_loss_coef", moe.aux_loss_coef, "must be >= 0")
+    _require(moe.z_loss_coef >= 0, "moe.z_loss_coef", moe.z_loss_coef, "must be >= 0")
+    _require(moe.kernel_backend in ("auto", "triton", "torch"), "moe.kernel_backend",
+             moe.kernel_backend, "must be 'auto', 'triton' or 'torch'")
+
+    _require(d.context_points >= m.patch_points and d.context_points % m.patch_points == 0,
+             "data.context_points", d.context_points,
+             f"must be a positive multiple of model.patch_points={m.patch_points}")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    for name in ("flip_probability", "resample_probability"):
+        v = getattr(d, name)
+        _require(0.0 <= v <= 1.0, f"data.{name}", v, "must be in [0, 1]")
+    for k, v in d.mixture_weights.items():
+        _require(v >= 0, f"data.mixture_weights.{k}", v, "must be >= 0")
+
+    for name in ("dp_replicate", "tp", "pp", "ep", "pp_microbatches"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), "must be >= 1")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", p.dp_shard, "must be >= 1 or -1 (infer)")
+    _require(p.pp_schedule in ("1f1b", "interleaved_1f1b"), "parallel.pp_schedule", p.pp_schedule,
+             "must be '1f1b' or 'interleaved_1f1b'")
+    _require(moe.num_experts % p.ep == 0, "parallel.ep", p.ep, f"must divide moe.num_experts={moe.num_experts}")
+
+    for name in ("steps", "batch_size", "grad_accum_steps", "log_interval_steps"):
+        _require(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "must be >= 1")
+    _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _require(t.schedule in ("cosine", "wsd"), "train.schedule", t.schedule, "must be 'cosine' or 'wsd'")
+    _require(0.0 <= t.wsd_decay_fraction <= 1.0, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in [0, 1]")
+    _require(t.stp_weighting in ("uniform", "inv_sqrt"), "train.stp_weighting", t.stp_weighting,
+             "must be 'uniform' or 'inv_sqrt'")
+    _require(t.optimizer in ("adamw", "deepspeed_cpu_adam"), "train.optimizer", t.optimizer,
+             "must be 'adamw' or 'deepspeed_cpu_adam'")
+    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision,
+             "must be 'auto', 'fp32' or 'bf16'")
+    _require(t.grad_clip_norm >= 0, "train.grad_clip_norm", t.grad_clip_norm, "must be >= 0")
+    _require(t.max_nonfinite_steps_in_row >= 1, "train.max_nonfinite_steps_in_row",
+             t.max_nonfinite_steps_in_row, "must be >= 1")
+
+    _require(c.save_interval_steps >= 0, "checkpoint.save_interval_steps", c.save_interval_steps, "must be >= 0")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    _require(cfg.eval.context_points >= 0, "eval.context_points", cfg.eval.context_points, "must be >= 0")
+    _require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    return cfg
