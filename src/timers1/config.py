@@ -20,8 +20,10 @@ from typing import Any
 
 import yaml
 
+from timers1.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
