@@ -1,0 +1,138 @@
+"""Inference API: ``load_forecaster(path).predict(context, horizon) -> [batch, Q, horizon]``.
+
+Follows the released ``generate(x, max_new_tokens=h, revin=True)`` exactly:
+  * per-series mean / population std over the whole (imputed, truncated) context, scale
+    std + 1e-5, once before any roll-out;
+  * left zero-padding to a multiple of P with a mask of zeros over the padding;
+  * one pass yields up to (H+1)*P points (main stack + the STP blocks the horizon needs);
+  * longer horizons append the median of the Q quantiles (``torch.quantile`` at 0.5, i.e. of
+    the *sorted* outputs, as released) in normalized units and run again;
+  * de-normalize all quantiles at the end.
+Series of different lengths are bucketed by patch count, so every series is computed exactly
+as if it were alone (no extra padding patches enter its attention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from timers1.config import Config
+from timers1.errors import InputError
+from timers1.model import TimerS1, build_model
+
+
+class ForecastInputError(InputError):
+    """A context series cannot be forecast (empty, all-NaN, not 1-D, bad horizon)."""
+
+
+def impute_last_value(series: np.ndarray, index: int) -> np.ndarray:
+    """Forward-fill NaNs; leading NaNs take the first valid value (GIFT-Eval's imputation)."""
+    values = np.asarray(series, dtype=np.float64)
+    if values.ndim != 1:
+        raise ForecastInputError(f"context[{index}] must be 1-D, got shape {values.shape}")
+    if values.size == 0:
+        raise ForecastInputError(f"context[{index}] is empty")
+    valid = ~np.isnan(values)
+    if not valid.any():
+        raise ForecastInputError(f"context[{index}] has no observed value (all NaN)")
+    if np.isinf(values).any():
+        raise ForecastInputError(f"context[{index}] contains infinite values")
+    if valid.all():
+        return values
+    positions = np.where(valid, np.arange(values.size), 0)
+    np.maximum.accumulate(positions, out=positions)
+    filled = values[positions]
+    first = np.argmax(valid)
+    filled[:first] = values[first]
+    return filled
+
+
+class Forecaster:
+    """Batched quantile forecasts from a Timer-S1 model (eval mode, no grad)."""
+
+    def __init__(self, model: TimerS1, max_context_points: int | None = None, batch_size: int = 64,
+                 device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.patch_points = model.model_cfg.patch_points
+        self.quantiles = list(model.model_cfg.quantiles)
+        self.max_context_points = max_context_points or model.model_cfg.max_context_points
+        self.batch_size = batch_size
+
+    @property
+    def median_index(self) -> int:
+        return min(range(len(self.quantiles)), key=lambda i: abs(self.quantiles[i] - 0.5))
+
+    def predict(self, context: Sequence[np.ndarray], horizon: int) -> np.ndarray:
+        """Quantile forecasts ``[len(context), Q, horizon]`` (float64) for 1-D series of any length."""
+        if not isinstance(horizon, (int, np.integer)) or horizon < 1:
+            raise ForecastInputError(f"horizon must be a positive integer, got {horizon!r}")
+        series = [impute_last_value(s, i)[-self.max_context_points:] for i, s in enumerate(context)]
+        out = np.empty((len(series), len(self.quantiles), horizon), dtype=np.float64)
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for i, s in enumerate(series):
+            buckets[math.ceil(len(s) / self.patch_points)].append(i)
+        for num_patches, members in buckets.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                out[chunk] = self._predict_bucket([series[i] for i in chunk], num_patches, horizon)
+        return out
+
+    def _predict_bucket(self, series: list[np.ndarray], num_patches: int, horizon: int) -> np.ndarray:
+        p = self.patch_points
+        width = num_patches * p
+        values = torch.zeros(len(series), width, dtype=torch.float32)
+        mask = torch.zeros(len(series), width, dtype=torch.float32)
+        for row, s in enumerate(series):
+            values[row, width - len(s):] = torch.from_numpy(s.astype(np.float32))
+            mask[row, width - len(s):] = 1.0
+        # Statistics over the real points, in fp32 like the released generate().
+        real = [values[row, width - len(s):] for row, s in enumerate(series)]
+        mean = torch.stack([r.mean() for r in real]).view(-1, 1)
+        scale = torch.stack([r.std(unbiased=False) for r in real]).view(-1, 1) + 1e-5
+        normalized = (values - mean) / scale * mask
+        normalized, mask = normalized.to(self.device), mask.to(self.device)
+        pieces = []
+        produced = 0
+        max_points = max(p, (self.max_context_points // p) * p)
+        while produced < horizon:
+            step = min(horizon - produced, self.model.points_per_pass)
+            quantiles_BQS = self.model.forecast_pass(normalized, mask, step)
+            pieces.append(quantiles_BQS)
+            produced += step
+            if produced < horizon:
+                median = torch.quantile(quantiles_BQS.float(), q=0.5, dim=1)
+                normalized = torch.cat([normalized, median.to(normalized.dtype)], dim=-1)[:, -max_points:]
+                mask = torch.cat([mask, torch.ones_like(median, dtype=mask.dtype)], dim=-1)[:, -max_points:]
+        result = torch.cat(pieces, dim=-1).float().cpu()
+        return (result * scale.unsqueeze(1) + mean.unsqueeze(1)).double().numpy()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, TimerS1]:
+    """A model from our model directory or from the released Hugging Face layout."""
+    from timers1 import hf
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if hf.is_hf_dir(path):
+        model_cfg, moe_cfg, state = hf.read_hf_dir(path)
+        cfg = Config(model=model_cfg, moe=moe_cfg)
+    else:
+        cfg, state = hf.read_model_dir(path)
+    model = build_model(cfg.model, cfg.moe, device="meta")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return cfg, model.to(device)
+
+
+def load_forecaster(path: str | Path, device: str | torch.device = "cpu", max_context_points: int | None = None,
+                    batch_size: int = 64) -> Forecaster:
+    """Load a checkpoint (ours or the released HF format) for forecasting."""
+    _, model = load_model(path, device)
+    return Forecaster(model, max_context_points=max_context_points, batch_size=batch_size, device=device)

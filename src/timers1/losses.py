@@ -1,0 +1,161 @@
+"""Training objective of Timer-S1: weighted quantile loss over NTP + STP horizons, plus routing losses.
+
+Layout of a training window (values and mask, ``[B, W]`` points):
+  the first N patches are the model input (``context_patches``); position i (0-based) of
+  horizon j (j = 0 for the main stack, j = 1..H for STP block j) predicts patch ``i + 1 + j``
+  of the window. Targets that run past the window, or points whose mask is 0 (padding), are
+  masked out. A window of (N + H + 1) patches supervises every position at every horizon.
+
+Per-patch loss (paper 3.3), on de-normalized values:
+  ``wQL_q = 2 * sum_t pinball_q(x_t, xhat_t) / denom``, averaged over the Q quantiles, where
+  ``denom = max(sum_t |x_t|, n_t * floor * s)`` over the observed target points t, with s the
+  series' normalization scale (std + 1e-5) and ``floor = WQL_DENOMINATOR_FLOOR``.
+  Why the floor: a patch whose values are all zero (intermittent demand) has no relative error
+  at all (0/0), and a patch that barely leaves zero makes the ratio explode. With the floor,
+  such patches are scored as a pinball loss relative to the series scale instead, which is
+  finite, scale-invariant and continuous with the plain wQL where |x| is not small.
+Patch losses are averaged over all (batch, position) pairs that have at least one observed
+target point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from timers1.model.moe import RouterRecord
+
+WQL_DENOMINATOR_FLOOR = 0.1
+
+
+def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points: int, context_patches: int,
+                   num_horizons: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and their mask ``[B, J, N, P]`` for J horizons (j = 0 main stack, then STP)."""
+    batch, width = values_BW.shape
+    if width % patch_points:
+        raise ValueError(f"window length {width} is not a multiple of the patch length {patch_points}")
+    needed = (context_patches + num_horizons) * patch_points
+    if width < needed:
+        # Targets past the window: zero values with mask 0.
+        values_BW = torch.nn.functional.pad(values_BW, (0, needed - width))
+        mask_BW = torch.nn.functional.pad(mask_BW, (0, needed - width))
+    patches = values_BW.view(batch, -1, patch_points)
+    masks = mask_BW.to(values_BW.dtype).view(batch, -1, patch_points)
+    idx = torch.arange(context_patches, device=values_BW.device)
+    gather = (idx[None, :] + 1 + torch.arange(num_horizons, device=values_BW.device)[:, None])  # [J, N]
+    return patches[:, gather], masks[:, gather]
+
+
+def weighted_quantile_loss(pred_BJNQP: torch.Tensor, target_BJNP: torch.Tensor, mask_BJNP: torch.Tensor,
+                           quantiles: torch.Tensor, scale_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch wQL averaged over quantiles ``[B, J, N]`` and whether each patch counts.
+
+    All inputs on the de-normalized scale. See the module docstring for the denominator.
+    """
+    error = target_BJNP.unsqueeze(3) - pred_BJNQP  # [B, J, N, Q, P]
+    q = quantiles.view(1, 1, 1, -1, 1).to(pred_BJNQP.dtype)
+    pinball = torch.maximum(q * error, (q - 1) * error) * mask_BJNP.unsqueeze(3)
+    numer_BJNQ = 2.0 * pinball.sum(dim=-1)
+    observed = mask_BJNP.sum(dim=-1)
+    abs_sum = (target_BJNP.abs() * mask_BJNP).sum(dim=-1)
+    floor = observed * WQL_DENOMINATOR_FLOOR * scale_B.view(-1, 1, 1)
+    denom = torch.maximum(abs_sum, floor).clamp_min(torch.finfo(pred_BJNQP.dtype).tiny)
+    return (numer_BJNQ / denom.unsqueeze(-1)).mean(dim=-1), observed > 0
+
+
+def stp_weights(num_stp: int, weighting: str) -> list[float]:
+    """Weight of STP horizon j = 1..H inside ``(1/H) sum_j w_j L_j``: 1 (pre-training) or 1/sqrt(j) (CPT)."""
+    if weighting == "uniform":
+        return [1.0] * num_stp
+    if weighting == "inv_sqrt":
+        return [1.0 / math.sqrt(j) for j in range(1, num_stp + 1)]
+    raise ValueError(f"unknown STP weighting {weighting!r}")
+
+
+def load_balancing_loss(records: list[RouterRecord]) -> torch.Tensor:
+    """Switch loss ``E * sum_e f_e * P_e`` per MoE block, averaged over blocks (1.0 when balanced).
+
+    f_e (fraction of the T*K routed slots on expert e) carries no gradient; P_e (mean router
+    probability of e) does.
+    """
+    losses = []
+    for record in records:
+        probs_TE = record.routing.probs_TE
+        num_experts = probs_TE.shape[-1]
+        counts = record.routing.tokens_per_expert_E.to(probs_TE.dtype)
+        fraction_E = counts / counts.sum().clamp_min(1.0)
+        losses.append(num_experts * (fraction_E * probs_TE.mean(dim=0)).sum())
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def router_z_loss(records: list[RouterRecord]) -> torch.Tensor:
+    """Mean over tokens and blocks of logsumexp(router logits)^2 (ST-MoE)."""
+    if not records:
+        return torch.zeros(())
+    return torch.stack([torch.logsumexp(r.logits_TE.float(), dim=-1).pow(2).mean() for r in records]).mean()
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    ntp: torch.Tensor
+    stp_per_horizon: list[torch.Tensor] = field(default_factory=list)
+    aux: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+
+    def as_floats(self) -> dict[str, float]:
+        out = {"loss": float(self.total), "loss_ntp": float(self.ntp)}
+        if self.stp_per_horizon:
+            out["loss_stp"] = float(torch.stack(self.stp_per_horizon).mean())
+            for j, value in enumerate(self.stp_per_horizon, start=1):
+                out[f"loss_stp_{j}"] = float(value)
+        if self.aux is not None:
+            out["loss_aux"] = float(self.aux)
+        if self.z is not None:
+            out["loss_z"] = float(self.z)
+        return out
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return (values * valid).sum() / valid.sum().clamp_min(1)
+
+
+def timer_s1_loss(
+    pred_BJNQP: torch.Tensor,
+    records: list[RouterRecord],
+    values_BW: torch.Tensor,
+    mask_BW: torch.Tensor,
+    mean_B1: torch.Tensor,
+    scale_B1: torch.Tensor,
+    quantiles: list[float],
+    stp_weighting: str = "uniform",
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+) -> LossParts:
+    """``L = L_NTP + (1/H) sum_j w_j L_STP,j + alpha * L_aux (+ z-loss)``.
+
+    ``pred_BJNQP`` is in normalized units (as the model emits it); it is de-normalized with the
+    context's mean and scale before the loss, as the paper computes wQL on raw values.
+    """
+    batch, num_horizons, context_patches, _, patch_points = pred_BJNQP.shape
+    target, target_mask = target_patches(values_BW, mask_BW, patch_points, context_patches, num_horizons)
+    pred = pred_BJNQP * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
+    q = torch.tensor(quantiles, device=pred.device)
+    wql_BJN, valid_BJN = weighted_quantile_loss(pred, target.to(pred.dtype), target_mask.to(pred.dtype), q,
+                                                scale_B1.view(-1).to(pred.dtype))
+    per_horizon = [masked_mean(wql_BJN[:, j], valid_BJN[:, j]) for j in range(num_horizons)]
+    ntp, stp = per_horizon[0], per_horizon[1:]
+    total = ntp
+    if stp:
+        weights = stp_weights(len(stp), stp_weighting)
+        total = total + sum(w * l for w, l in zip(weights, stp)) / len(stp)
+    aux = z = None
+    if aux_loss_coef > 0 and records:
+        aux = load_balancing_loss(records)
+        total = total + aux_loss_coef * aux
+    if z_loss_coef > 0 and records:
+        z = router_z_loss(records)
+        total = total + z_loss_coef * z
+    return LossParts(total, ntp, stp, aux, z)

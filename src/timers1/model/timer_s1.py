@@ -1,0 +1,172 @@
+"""Timer-S1: patch embedding, L TimeMoE blocks, H TimeSTP blocks and one shared quantile head.
+
+Two entry points share every module:
+  * ``forward`` (training): dense predictions at every position from the main stack
+    (patch i+1) and from each STP block j (patch i+j+1), plus the router records;
+  * ``forecast_pass`` (inference): one pass that predicts up to (H+1)*P future points from the
+    last position, skipping the STP blocks the horizon does not need.
+
+The model sees already-normalized values (see ``instance_normalize``); it knows nothing of
+process groups. Parallelism is applied from outside by ``timers1.parallel``; the stage
+methods (``embed_patches``, ``main_stack``, ``stp_stack``) are the seams pipeline parallelism
+splits along, and modules a stage does not own may be ``None`` / removed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from timers1.config import ModelConfig, MoEConfig
+from timers1.model.block import TimeMoEBlock, TimeSTPBlock
+from timers1.model.layers import ResidualMLP, RMSNorm, rope_cos_sin
+from timers1.model.moe import RouterRecord
+
+# generate() in the released code divides by (std + 1e-5); training uses the same scale so a
+# model sees identically normalized inputs in both.
+NORM_EPS = 1e-5
+
+
+def instance_normalize(values_BL: torch.Tensor, mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-series mean and population std over observed points; padding stays exactly 0.
+
+    Returns (normalized values, mean_B1, scale_B1) with scale = std + 1e-5.
+    """
+    mask = mask_BL.to(values_BL.dtype)
+    count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    mean = (values_BL * mask).sum(dim=-1, keepdim=True) / count
+    var = (((values_BL - mean) * mask) ** 2).sum(dim=-1, keepdim=True) / count
+    scale = var.sqrt() + NORM_EPS
+    return ((values_BL - mean) / scale) * mask, mean, scale
+
+
+@dataclass
+class TimerS1Output:
+    """Training forward output (normalized units)."""
+
+    quantiles_BJNQP: torch.Tensor
+    """Predictions: J = 1 + H horizons (j = 0 is the main stack's next patch), N positions."""
+    router_records: list[RouterRecord] = field(default_factory=list)
+    """One per MoE block, main blocks first then STP blocks."""
+
+
+class TimerS1(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig):
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.moe_cfg = moe_cfg
+        p, d = model_cfg.patch_points, model_cfg.hidden_size
+        self.num_quantiles = len(model_cfg.quantiles)
+        # Each patch token is concat(values[P], mask[P]).
+        self.embed = ResidualMLP(2 * p, model_cfg.intermediate_size, d, model_cfg.dropout)
+        # ModuleDict keyed by the block index (as torchtitan does) so that a pipeline stage can
+        # drop the blocks it does not own and keep the fully qualified names of the rest.
+        self.layers = nn.ModuleDict({str(i): TimeMoEBlock(model_cfg, moe_cfg) for i in range(model_cfg.num_layers)})
+        self.norm = RMSNorm(d)
+        self.stp_blocks = nn.ModuleDict(
+            {str(j): TimeSTPBlock(model_cfg, moe_cfg) for j in range(model_cfg.num_stp_blocks)}
+        )
+        self.head = ResidualMLP(d, d, self.num_quantiles * p, model_cfg.dropout)
+
+    # ----------------------------------------------------------------------------- stages
+    def rope(self, num_patches: int, like: torch.Tensor):
+        cfg = self.model_cfg
+        return rope_cos_sin(num_patches, cfg.hidden_size // cfg.num_heads, cfg.rope_theta, like.device, like.dtype)
+
+    def embed_patches(self, values_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+        """[B, L] normalized values and mask (L a multiple of P) -> h0 [B, N, D]."""
+        p = self.model_cfg.patch_points
+        batch, length = values_BL.shape
+        if length % p:
+            raise ValueError(f"input length {length} is not a multiple of the patch length {p}")
+        tokens = torch.cat(
+            [values_BL.view(batch, length // p, p), mask_BL.to(values_BL.dtype).view(batch, length // p, p)], dim=-1
+        )
+        return self.embed(tokens)
+
+    def main_stack(self, h_BND: torch.Tensor, rope, records: list[RouterRecord]) -> torch.Tensor:
+        for layer in self.layers.values():
+            h_BND, record = layer(h_BND, rope)
+            records.append(record)
+        return self.norm(h_BND) if self.norm is not None else h_BND
+
+    def head_quantiles(self, h_BND: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, N, Q, P]; the released head's output is quantile-major."""
+        out = self.head(h_BND)
+        return out.view(*h_BND.shape[:-1], self.num_quantiles, self.model_cfg.patch_points)
+
+    # ----------------------------------------------------------------------------- training
+    def forward(self, values_BL: torch.Tensor, mask_BL: torch.Tensor, num_stp_blocks: int | None = None) -> TimerS1Output:
+        """Dense training forward over normalized values; see the module docstring."""
+        h0 = self.embed_patches(values_BL, mask_BL)
+        rope = self.rope(h0.shape[1], h0)
+        records: list[RouterRecord] = []
+        h = self.main_stack(h0, rope, records)
+        predictions = [self.head_quantiles(h)]
+        stp = list(self.stp_blocks.values())
+        for block in stp[: len(stp) if num_stp_blocks is None else num_stp_blocks]:
+            h, record = block(h, h0, rope)
+            records.append(record)
+            predictions.append(self.head_quantiles(h))
+        return TimerS1Output(torch.stack(predictions, dim=1), records)
+
+    # ----------------------------------------------------------------------------- inference
+    @property
+    def points_per_pass(self) -> int:
+        return (len(self.stp_blocks) + 1) * self.model_cfg.patch_points
+
+    @torch.no_grad()
+    def forecast_pass(self, values_BL: torch.Tensor, mask_BL: torch.Tensor, num_points: int) -> torch.Tensor:
+        """Quantiles [B, Q, num_points] (num_points <= (H+1)*P) after the last input patch."""
+        p = self.model_cfg.patch_points
+        if not 1 <= num_points <= self.points_per_pass:
+            raise ValueError(f"num_points={num_points} must be in [1, {self.points_per_pass}]")
+        h0 = self.embed_patches(values_BL, mask_BL)
+        rope = self.rope(h0.shape[1], h0)
+        records: list[RouterRecord] = []
+        h = self.main_stack(h0, rope, records)
+        pieces = [self.head_quantiles(h[:, -1:])[:, 0]]
+        # Only the blocks the horizon reaches run: block j predicts points [j*P, (j+1)*P).
+        for block in list(self.stp_blocks.values())[: math.ceil(num_points / p) - 1]:
+            h, _ = block(h, h0, rope)
+            pieces.append(self.head_quantiles(h[:, -1:])[:, 0])
+        return torch.cat(pieces, dim=-1)[..., :num_points]
+
+
+def expert_hidden(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> int:
+    return model_cfg.intermediate_size // moe_cfg.top_k
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float) -> None:
+    """normal(0, std) for Linear and expert weights, zero biases, ones for norms and QK scales."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            module.reset_parameters()
+    for name, param in model.named_parameters():
+        if name.endswith(("w_gate_EFD", "w_up_EFD", "w_down_EDF")):
+            nn.init.normal_(param, 0.0, std)
+        elif name.endswith(("q_scale", "k_scale")):
+            nn.init.ones_(param)
+
+
+def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> TimerS1:
+    """A freshly initialised model; on the meta device nothing is allocated or initialised."""
+    device = torch.device(device)
+    with torch.device(device):
+        model = TimerS1(model_cfg, moe_cfg)
+    if device.type != "meta":
+        generator_state = torch.random.get_rng_state()
+        if seed is not None:
+            torch.manual_seed(seed)
+        init_weights(model, model_cfg.init_std)
+        if seed is not None:
+            torch.random.set_rng_state(generator_state)
+    return model

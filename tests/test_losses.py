@@ -1,0 +1,143 @@
+"""Loss values against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from timers1.kernels import Routing
+from timers1.losses import (WQL_DENOMINATOR_FLOOR, load_balancing_loss, stp_weights, target_patches,
+                            timer_s1_loss, weighted_quantile_loss)
+from timers1.model.moe import RouterRecord
+
+Q9 = torch.tensor([0.1 * i for i in range(1, 10)])
+
+
+def test_wql_plain_patch():
+    # targets [1, 3], every quantile predicts 2: errors -1 and +1, pinball (1-q) + q = 1 per q,
+    # so wQL_q = 2 * 1 / (|1| + |3|) = 0.5 for every q.
+    pred = torch.full((1, 1, 1, 9, 2), 2.0)
+    wql, valid = weighted_quantile_loss(pred, torch.tensor([[[[1.0, 3.0]]]]), torch.ones(1, 1, 1, 2), Q9, torch.ones(1))
+    assert valid.item()
+    assert wql.item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_wql_quantile_asymmetry():
+    # target 0 and 10 (sum |x| = 10), prediction 4 for every quantile: errors -4 and +6.
+    # pinball_q = 4(1-q) + 6q = 4 + 2q; wQL_q = 2(4 + 2q)/10; mean over q (mean q = 0.5) = 1.0.
+    pred = torch.full((1, 1, 1, 9, 2), 4.0)
+    wql, _ = weighted_quantile_loss(pred, torch.tensor([[[[0.0, 10.0]]]]), torch.ones(1, 1, 1, 2), Q9, torch.ones(1))
+    assert wql.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_wql_zero_denominator_uses_series_scale():
+    # All-zero target patch: sum |x| = 0, so the denominator is n * floor * scale = 2 * 0.1 * 2.
+    # Prediction 1 everywhere: pinball = 2 (1 - q), wQL_q = 4(1 - q) / 0.4, mean over q = 5.0.
+    assert WQL_DENOMINATOR_FLOOR == 0.1
+    pred = torch.full((1, 1, 1, 9, 2), 1.0)
+    wql, valid = weighted_quantile_loss(pred, torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2), Q9, torch.tensor([2.0]))
+    assert valid.item() and torch.isfinite(wql).all()
+    assert wql.item() == pytest.approx(5.0, abs=1e-5)
+
+
+def test_wql_masked_points_and_empty_patch():
+    pred = torch.full((1, 1, 2, 9, 2), 2.0)
+    target = torch.tensor([[[[1.0, 1000.0], [5.0, 5.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    wql, valid = weighted_quantile_loss(pred, target, mask, Q9, torch.ones(1))
+    # Only the point (x=1, pred=2) counts: pinball (1-q), wQL_q = 2(1-q)/1, mean = 1.0.
+    assert wql[0, 0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert valid.tolist() == [[[True, False]]]
+
+
+def test_target_patches_layout_and_window_end_masking():
+    values = torch.arange(10.0).view(1, 10)  # 5 patches of 2 points
+    mask = torch.ones(1, 10)
+    target, tmask = target_patches(values, mask, patch_points=2, context_patches=3, num_horizons=3)
+    # horizon j, position i -> patch i + 1 + j; patches past the window (index >= 5) are masked.
+    assert target[0, 0].tolist() == [[2, 3], [4, 5], [6, 7]]
+    assert target[0, 2].tolist() == [[6, 7], [8, 9], [0, 0]]
+    assert tmask[0, 2].tolist() == [[1, 1], [1, 1], [0, 0]]
+    assert tmask[0, 1].tolist() == [[1, 1], [1, 1], [1, 1]]
+
+
+def _loop_loss(pred_norm, values, mask, mean, scale, quantiles, weights):
+    """The objective spelled out with Python loops, independent of the vectorised code."""
+    batch, num_h, num_pos, num_q, p = pred_norm.shape
+    per_h = []
+    for j in range(num_h):
+        total, count = 0.0, 0
+        for b in range(batch):
+            for i in range(num_pos):
+                start = (i + 1 + j) * p
+                pts = [(values[b, t].item(), mask[b, t].item(), t - start) for t in range(start, start + p)
+                       if t < values.shape[1]]
+                obs = [(x, k) for x, m, k in pts if m > 0]
+                if not obs:
+                    continue
+                denom = max(sum(abs(x) for x, _ in obs), len(obs) * 0.1 * scale[b].item())
+                wq = 0.0
+                for qi, q in enumerate(quantiles):
+                    s = 0.0
+                    for x, k in obs:
+                        xhat = pred_norm[b, j, i, qi, k].item() * scale[b].item() + mean[b].item()
+                        e = x - xhat
+                        s += max(q * e, (q - 1) * e)
+                    wq += 2 * s / denom
+                total += wq / num_q
+                count += 1
+        per_h.append(total / count)
+    return per_h[0] + sum(w * l for w, l in zip(weights, per_h[1:])) / (num_h - 1), per_h
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "inv_sqrt"])
+def test_full_objective_matches_loop(weighting):
+    gen = torch.Generator().manual_seed(0)
+    batch, num_h, num_pos, p = 2, 3, 3, 4
+    quantiles = [0.1, 0.5, 0.9]
+    pred = torch.randn(batch, num_h, num_pos, 3, p, generator=gen)
+    values = torch.randn(batch, 5 * p, generator=gen) * 3 + 1  # shorter than N + J patches
+    mask = torch.ones(batch, 5 * p)
+    mask[1, :6] = 0  # left padding in series 1
+    values[1, :6] = 0
+    mean, scale = torch.tensor([[0.5], [-1.0]]), torch.tensor([[2.0], [0.7]])
+    parts = timer_s1_loss(pred, [], values, mask, mean, scale, quantiles, stp_weighting=weighting)
+    expected_total, expected_h = _loop_loss(pred, values, mask, mean, scale, quantiles, stp_weights(2, weighting))
+    assert parts.ntp.item() == pytest.approx(expected_h[0], rel=1e-5)
+    assert [x.item() for x in parts.stp_per_horizon] == pytest.approx(expected_h[1:], rel=1e-5)
+    assert parts.total.item() == pytest.approx(expected_total, rel=1e-5)
+
+
+def test_stp_weights():
+    assert stp_weights(3, "uniform") == [1.0, 1.0, 1.0]
+    assert stp_weights(4, "inv_sqrt") == pytest.approx([1.0, 1 / math.sqrt(2), 1 / math.sqrt(3), 0.5])
+
+
+def _record(probs, experts, num_experts):
+    probs = torch.tensor(probs)
+    experts = torch.tensor(experts)
+    counts = torch.bincount(experts.view(-1), minlength=num_experts)
+    routing = Routing(probs.gather(1, experts), experts, probs, counts, torch.argsort(experts.view(-1), stable=True))
+    return RouterRecord(routing, probs.log())
+
+
+def test_load_balancing_loss_by_hand():
+    balanced = _record([[0.75, 0.25], [0.25, 0.75]], [[0], [1]], 2)
+    assert load_balancing_loss([balanced]).item() == pytest.approx(1.0)
+    # Both tokens on expert 0: f = [1, 0], P = [0.85, 0.15] -> 2 * 0.85 = 1.7.
+    skewed = _record([[0.9, 0.1], [0.8, 0.2]], [[0], [0]], 2)
+    assert load_balancing_loss([skewed]).item() == pytest.approx(1.7)
+    assert load_balancing_loss([balanced, skewed]).item() == pytest.approx(1.35)
+
+
+def test_aux_loss_enters_total_with_coefficient():
+    pred = torch.zeros(1, 1, 1, 1, 2)
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    skewed = _record([[0.9, 0.1], [0.8, 0.2]], [[0], [0]], 2)
+    parts = timer_s1_loss(pred, [skewed], values, torch.ones_like(values), torch.zeros(1, 1), torch.ones(1, 1),
+                          [0.5], aux_loss_coef=0.1)
+    # ntp: pred 0 vs targets 1: pinball 0.5 each, wQL = 2 * 1 / 2 = 1.
+    assert parts.ntp.item() == pytest.approx(1.0)
+    assert parts.total.item() == pytest.approx(1.0 + 0.1 * 1.7)

@@ -1,0 +1,118 @@
+"""Model structure and training forward: causality, MoE equivalence, gradients, parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from timers1.losses import timer_s1_loss
+from timers1.model import build_model, instance_normalize
+from timers1.model.flops import count_params
+from timers1.model.moe import MoE
+
+
+def _model(cfg, seed=0):
+    model = build_model(cfg.model, cfg.moe, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_training_forward_shapes_and_records(tiny_config):
+    model = _model(tiny_config)
+    values = torch.randn(3, 128)
+    out = model(values, torch.ones_like(values))
+    # J = 1 + H horizons, N = 8 positions, Q = 9, P = 16.
+    assert out.quantiles_BJNQP.shape == (3, 3, 8, 9, 16)
+    assert len(out.router_records) == tiny_config.model.num_layers + tiny_config.model.num_stp_blocks
+    record = out.router_records[0]
+    assert record.routing.tokens_per_expert_E.sum().item() == 3 * 8 * tiny_config.moe.top_k
+
+
+def test_predictions_are_causal(tiny_config):
+    """Changing patch k changes no prediction made at positions before k, at any horizon."""
+    model = _model(tiny_config)
+    values = torch.randn(2, 128)
+    mask = torch.ones_like(values)
+    base = model(values, mask).quantiles_BJNQP
+    changed = values.clone()
+    changed[:, 5 * 16:] += 10.0
+    after = model(changed, mask).quantiles_BJNQP
+    assert torch.allclose(base[:, :, :5], after[:, :, :5], atol=1e-6)
+    assert not torch.allclose(base[:, :, 5:], after[:, :, 5:])
+
+
+def test_forecast_pass_equals_training_forward_last_position(tiny_config):
+    model = _model(tiny_config)
+    values = torch.randn(2, 96)
+    mask = torch.ones_like(values)
+    dense = model(values, mask).quantiles_BJNQP[:, :, -1]  # [B, J, Q, P]
+    fc = model.forecast_pass(values, mask, model.points_per_pass)
+    assert torch.allclose(fc, dense.permute(0, 2, 1, 3).reshape(2, 9, -1), atol=1e-6)
+    # A shorter horizon skips STP blocks but gives the same leading points.
+    assert torch.allclose(model.forecast_pass(values, mask, 20), fc[..., :20], atol=1e-6)
+
+
+def test_instance_normalize_ignores_padding():
+    values = torch.tensor([[0.0, 0.0, 1.0, 3.0]])
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    normed, mean, scale = instance_normalize(values, mask)
+    assert mean.item() == pytest.approx(2.0) and scale.item() == pytest.approx(1.0 + 1e-5)
+    assert normed[0, :2].tolist() == [0.0, 0.0]
+    assert normed[0, 2:].tolist() == pytest.approx([-1 / (1 + 1e-5), 1 / (1 + 1e-5)])
+
+
+def test_moe_matches_released_expert_loop_values_and_grads():
+    released = pytest.importorskip("sktime.libs.timer_s1.modeling_TimerS1")
+    from sktime.libs.timer_s1.configuration_TimerS1 import TimerS1Config
+
+    torch.manual_seed(0)
+    d, e, k, inter = 16, 6, 2, 48
+    ref = released.TimerS1ExpertsLayer(TimerS1Config(hidden_size=d, intermediate_size=inter, num_experts=e,
+                                                      num_experts_per_token=k))
+    ours = MoE(d, inter // k, e, k)
+    with torch.no_grad():
+        ours.router.weight.copy_(torch.randn(e, d))
+        ref.gate.weight.copy_(ours.router.weight)
+        for name in ("gate", "up", "down"):
+            stacked = getattr(ours.experts, {"gate": "w_gate_EFD", "up": "w_up_EFD", "down": "w_down_EDF"}[name])
+            stacked.copy_(torch.randn_like(stacked) * 0.3)
+            for i in range(e):
+                getattr(ref.experts[i], f"{name}_proj").weight.copy_(stacked[i])
+    x = torch.randn(3, 11, d)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = ref(x_ref)
+    y_ours, record = ours(x_ours)
+    assert torch.allclose(y_ours, y_ref, atol=1e-5)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_ours.backward(grad)
+    assert torch.allclose(x_ours.grad, x_ref.grad, atol=1e-5)
+    assert torch.allclose(ours.router.weight.grad, ref.gate.weight.grad, atol=1e-5)
+    for i in range(e):
+        assert torch.allclose(ours.experts.w_up_EFD.grad[i], ref.experts[i].up_proj.weight.grad, atol=1e-5)
+
+
+def test_loss_backward_reaches_every_parameter(tiny_config):
+    model = build_model(tiny_config.model, tiny_config.moe, seed=0).train()
+    gen = torch.Generator().manual_seed(0)
+    window = torch.randn(4, (8 + 3) * 16, generator=gen).cumsum(-1)
+    mask = torch.ones_like(window)
+    context = window[:, : 8 * 16]
+    normed, mean, scale = instance_normalize(context, mask[:, : 8 * 16])
+    out = model(normed, mask[:, : 8 * 16])
+    parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, window, mask, mean, scale,
+                          tiny_config.model.quantiles, aux_loss_coef=0.02)
+    parts.total.backward()
+    assert torch.isfinite(parts.total)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_param_counts_tiny_match_module_tree(tiny_config):
+    total, active = count_params(tiny_config.model, tiny_config.moe)
+    model = build_model(tiny_config.model, tiny_config.moe)
+    assert total == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if "experts" in n)
+    assert active == total - experts // 2  # 2 of 4 experts active
