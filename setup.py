@@ -24,8 +24,11 @@ setup(
         "PyYAML>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "statsforecast>=2.0",  # eval baselines (SeasonalNaive, Naive, AutoETS, AutoTheta)
+        "matplotlib>=3.8",  # forecast plots
     ],
     extras_require={
+        "peers": ["fracast>=0.1"],  # Fracast-0, a pretrained peer for timers1 eval --baseline fracast
         "dev": [
             "pytest>=8",
             # The released Timer-S1 code, used only by tests as the numerical oracle.

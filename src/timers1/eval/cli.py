@@ -1,0 +1,151 @@
+"""`timers1 eval` (GIFT-Eval protocol) and `timers1 forecast` (quantile forecasts of a file).
+
+Both score or run a forecaster: a checkpoint through ``timers1.forecast.load_forecaster`` or,
+for eval, a named baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from timers1.errors import InputError
+
+
+def _load_checkpoint_forecaster(path: str):
+    """The model's forecaster; imported lazily so baselines work without the model stack."""
+    if not Path(path).exists():
+        raise InputError(f"--checkpoint {path}: does not exist")
+    try:
+        from timers1.forecast import load_forecaster
+    except ImportError as exc:
+        raise InputError(f"--checkpoint needs timers1.forecast.load_forecaster, which is not "
+                         f"available here ({exc}); use --baseline instead") from None
+    return load_forecaster(path)
+
+
+def _resolve_specs(data: str, configs: list[str] | None):
+    """``--data`` is a GIFT-8 folder (built-in configurations) or a dataset YAML."""
+    from timers1.eval.datasets import DatasetError, gift8_specs, load_specs_yaml
+
+    path = Path(data)
+    if path.is_dir():
+        specs = gift8_specs(path)
+        missing = sorted({Path(s.path).name for s in specs if not Path(s.path).is_file()})
+        if missing:
+            raise DatasetError(f"--data {path}: not a GIFT-8 folder, missing {', '.join(missing)} "
+                               "(or pass a dataset YAML)")
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        specs = load_specs_yaml(path)
+    else:
+        raise DatasetError(f"--data {path}: expected a GIFT-8 data folder or a dataset .yaml")
+    if configs:
+        known = {s.name: s for s in specs}
+        unknown = [c for c in configs if c not in known]
+        if unknown:
+            raise DatasetError(f"--configs: unknown configuration(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(known)}")
+        specs = [known[c] for c in configs]
+    return specs
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from timers1.eval.baselines import ForecastCache, baseline_factory
+    from timers1.eval.runner import compare_with_leaderboard, evaluate, format_comparison
+
+    if bool(args.checkpoint) == bool(args.baseline):
+        raise InputError("give exactly one of --checkpoint DIR or --baseline NAME")
+    specs = _resolve_specs(args.data, args.configs)
+    cache = None if args.no_cache else ForecastCache(args.cache_dir)
+    if args.baseline:
+        source = baseline_factory(args.baseline, n_jobs=args.jobs)
+        name = args.baseline
+    else:
+        source = _load_checkpoint_forecaster(args.checkpoint)
+        name = Path(args.checkpoint).name or str(args.checkpoint)
+    report = evaluate(source, specs, model_name=args.name or name, batch_size=args.batch_size,
+                      max_context_points=args.context_points or None, cache=cache,
+                      log=lambda line: print(line, file=sys.stderr), progress=True)
+    if args.checkpoint:
+        report.settings["checkpoint"] = str(args.checkpoint)
+    print(report.format_table())
+    if args.compare:
+        report.comparison = compare_with_leaderboard(report, args.compare)
+        print()
+        print(format_comparison(report.comparison))
+    report.save(args.output)
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+def run_forecast(args: argparse.Namespace) -> int:
+    from timers1.eval.forecasting import forecast_file
+
+    forecaster = _load_checkpoint_forecaster(args.checkpoint)
+    frame = forecast_file(forecaster, args.input, args.horizon, args.output, plot_path=args.plot,
+                          max_series_plotted=args.max_series_plotted, freq=args.freq,
+                          batch_size=args.batch_size, max_context_points=args.context_points or None)
+    print(f"wrote {frame['item_id'].nunique()} series x {args.horizon} steps to {args.output}"
+          + (f"; plot {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def register(sub) -> None:
+    from timers1.eval.baselines import BASELINE_NAMES
+
+    p = sub.add_parser("eval", help="score a checkpoint or a baseline with the GIFT-Eval protocol",
+                       description="Score a checkpoint or a baseline with the GIFT-Eval protocol "
+                                   "(per-configuration MASE and CRPS, geometric means relative to "
+                                   "seasonal naive).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model checkpoint, loaded by timers1.forecast.load_forecaster")
+    src.add_argument("--baseline", choices=BASELINE_NAMES, help="score a baseline instead of a checkpoint")
+    p.add_argument("--data", required=True,
+                   help="GIFT-8 folder (e.g. ../shared/data/gift8) or a dataset YAML (configs/eval_extra.yaml)")
+    p.add_argument("--configs", nargs="+", metavar="NAME", help="only these configurations (e.g. m4_hourly/H/short)")
+    p.add_argument("--output", required=True, help="results file: .json or .csv")
+    p.add_argument("--compare", metavar="CSV", help="leaderboard_per_config.csv: rank among published models")
+    p.add_argument("--name", help="model name in the results (default: checkpoint folder or baseline)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call (64)")
+    p.add_argument("--context-points", type=_non_negative_int, default=0,
+                   help="truncate contexts to the most recent N points (0: whole history)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="processes for statsforecast baselines (1)")
+    p.add_argument("--cache-dir", help="baseline forecast cache (default $TIMERS1_CACHE_DIR or ~/.cache/timers1)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the baseline cache")
+    p.set_defaults(func=run_eval)
+
+    f = sub.add_parser("forecast", help="quantile forecasts of a long-format file",
+                       description="Forecast every series of a long-format file (item_id, timestamp, "
+                                   "target; CSV or Parquet): quantiles 0.1..0.9 per future step.")
+    f.add_argument("--checkpoint", required=True, help="model checkpoint (timers1.forecast.load_forecaster)")
+    f.add_argument("--input", required=True, help="long-format .csv/.csv.gz/.parquet")
+    f.add_argument("--horizon", required=True, type=_positive_int, help="steps to forecast")
+    f.add_argument("--output", required=True, help="forecasts: .csv/.csv.gz/.parquet")
+    f.add_argument("--plot", metavar="FILE.png", help="draw history, median and 10-90%% band")
+    f.add_argument("--max-series-plotted", type=_positive_int, default=4, help="series in the plot (4)")
+    f.add_argument("--freq", help="frequency of every series (default: inferred per series)")
+    f.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call (64)")
+    f.add_argument("--context-points", type=_non_negative_int, default=0,
+                   help="truncate contexts to the most recent N points (0: whole history)")
+    f.set_defaults(func=run_forecast)
