@@ -24,6 +24,9 @@ setup(
         "PyYAML>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "scipy>=1.10",
+        "statsmodels>=0.14",
+        "matplotlib>=3.7",
         "statsforecast>=2.0",  # eval baselines (SeasonalNaive, Naive, AutoETS, AutoTheta)
         "matplotlib>=3.8",  # forecast plots
     ],

@@ -17,6 +17,8 @@ from timers1.errors import InputError
 SUBCOMMAND_MODULES = [
     "timers1.commands",
     "timers1.eval.cli",
+    "timers1.data.cli",
+    "timers1.bench.cli",
 ]
 
 

@@ -93,6 +93,8 @@ class DataConfig:
     """Probability of multiplying a whole window (input and target) by -1."""
     resample_probability: float = 0.0
     """Probability of Fourier-basis resampling a window to another rate."""
+    resample_factors: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.5, 2.0])
+    """Source points per window point when resampling (< 1 up-samples, > 1 down-samples); one is drawn per window."""
 
 
 @dataclass
@@ -392,6 +394,8 @@ def validate(cfg: Config) -> Config:
         _require(0.0 <= v <= 1.0, f"data.{name}", v, "must be in [0, 1]")
     for k, v in d.mixture_weights.items():
         _require(v >= 0, f"data.mixture_weights.{k}", v, "must be >= 0")
+    _require(len(d.resample_factors) >= 1 and all(f > 0 for f in d.resample_factors),
+             "data.resample_factors", d.resample_factors, "must be a non-empty list of numbers > 0")
 
     for name in ("dp_replicate", "tp", "pp", "ep", "pp_microbatches"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), "must be >= 1")

@@ -1,0 +1,70 @@
+"""`timers1 data build|validate|inspect`."""
+
+from __future__ import annotations
+
+import json
+
+
+def _build(args) -> int:
+    from timers1.data.builder import build_corpus, build_default_corpus, format_summary, load_build_config
+
+    if args.default:
+        if not args.out:
+            from timers1.errors import InputError
+            raise InputError("data build --default: --out DIR is required")
+        summary = build_default_corpus(args.out, num_synthetic_series=args.num_synthetic_series,
+                                       seed=args.seed, overwrite=args.overwrite, progress=None)
+    else:
+        if not args.config:
+            from timers1.errors import InputError
+            raise InputError("data build: give --config PATH (a build config) or --default")
+        cfg = load_build_config(args.config)
+        summary = build_corpus(cfg, args.out or None, progress=None, overwrite=args.overwrite)
+    print(format_summary(summary))
+    return 0
+
+
+def _validate(args) -> int:
+    from timers1.data.corpus import validate_corpus
+
+    report = validate_corpus(args.dir)
+    print(f"{args.dir}: ok: {report['rows']} series, {report['points']:,} points, {report['shards']} shard(s)")
+    return 0
+
+
+def _inspect(args) -> int:
+    from timers1.data.inspect import format_stats, inspect_corpus
+
+    stats = inspect_corpus(args.dir, args.png, args.num_series)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(format_stats(stats))
+        if stats.get("png"):
+            print(f"sample plot: {stats['png']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="build, validate and inspect training corpora")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    build = sub.add_parser("build", help="build a corpus from a build config (or the default corpus)")
+    build.add_argument("--config", help="build config YAML (see configs/data_default.yaml)")
+    build.add_argument("--out", help="output directory (overrides the config's output_dir)")
+    build.add_argument("--default", action="store_true", help="build the no-download default corpus")
+    build.add_argument("--num-synthetic-series", type=int, default=2400, help="with --default")
+    build.add_argument("--seed", type=int, default=0, help="with --default")
+    build.add_argument("--overwrite", action="store_true", help="replace a corpus already in the output directory")
+    build.set_defaults(func=_build)
+
+    validate = sub.add_parser("validate", help="check manifest, hashes, schema and counts of a corpus")
+    validate.add_argument("dir")
+    validate.set_defaults(func=_validate)
+
+    inspect = sub.add_parser("inspect", help="counts, length histogram, domain mix and a PNG of samples")
+    inspect.add_argument("dir")
+    inspect.add_argument("--png", default="corpus_samples.png", help="where to write the sample plot ('' for none)")
+    inspect.add_argument("--num-series", type=int, default=12)
+    inspect.add_argument("--json", action="store_true", help="print the statistics as one JSON line")
+    inspect.set_defaults(func=_inspect)
