@@ -160,3 +160,36 @@ def test_eval_dataset_errors(tmp_path, hourly_csv):
     with pytest.raises(InputError, match="unknown configuration"):
         eval_cli._resolve_specs(str(write_yaml(tmp_path, f"- {{file: {hourly_csv.name}, freq: H}}\n")),
                                 ["nope/H/short"])
+
+
+def test_eval_checkpoint_goes_through_load_forecaster(tmp_path, hourly_csv, monkeypatch):
+    forecast_api = pytest.importorskip("timers1.forecast")
+    loaded = []
+
+    def fake_load_forecaster(path, *args, **kwargs):
+        loaded.append(path)
+        return StatsForecastBaseline("naive")
+
+    monkeypatch.setattr(forecast_api, "load_forecaster", fake_load_forecaster)
+    spec = write_yaml(tmp_path, f"- {{file: {hourly_csv.name}, freq: H, horizon: 24, windows: 1, name: s/H}}\n")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(spec), "--output", str(out),
+                     "--no-cache", "--context-points", "48"]) == 0
+    assert loaded == [str(ckpt)]
+    result = json.loads(out.read_text())
+    assert result["model"] == "ckpt" and result["settings"]["max_context_points"] == 48
+    assert result["settings"]["checkpoint"] == str(ckpt)
+
+
+def test_fracast_peer_predicts_nine_quantiles():
+    pytest.importorskip("fracast")
+    from timers1.eval.baselines import FracastForecaster
+
+    forecaster = FracastForecaster()
+    t = np.arange(200.0)
+    # series of different lengths share one batch; one shorter than fracast's minimum of 8
+    out = forecaster.predict([np.sin(t / 4) + 5, np.array([1.0, 2.0, 3.0])], horizon=12)
+    assert out.shape == (2, 9, 12) and np.isfinite(out).all()
+    assert forecaster.cache_key.startswith("fracast-")
