@@ -80,12 +80,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_forecast(args: argparse.Namespace) -> int:
-    from timers1.eval.forecasting import forecast_file
+    from timers1.eval.datasets import frame_to_series, read_long_format
+    from timers1.eval.forecasting import check_output_path, forecast_series, plot_forecasts, write_frame
 
+    # Validate the paths and read the input before loading the model: bad input fails fast.
+    check_output_path(args.output)
+    series = frame_to_series(read_long_format(args.input))
     forecaster = _load_checkpoint_forecaster(args.checkpoint)
-    frame = forecast_file(forecaster, args.input, args.horizon, args.output, plot_path=args.plot,
-                          max_series_plotted=args.max_series_plotted, freq=args.freq,
-                          batch_size=args.batch_size, max_context_points=args.context_points or None)
+    frame = forecast_series(forecaster, series, args.horizon, freq=args.freq, source=str(args.input),
+                            batch_size=args.batch_size, max_context_points=args.context_points or None)
+    write_frame(frame, args.output)
+    if args.plot:
+        plot_forecasts(series, frame, args.plot, args.max_series_plotted)
     print(f"wrote {frame['item_id'].nunique()} series x {args.horizon} steps to {args.output}"
           + (f"; plot {args.plot}" if args.plot else ""))
     return 0

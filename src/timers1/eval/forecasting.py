@@ -54,17 +54,25 @@ def forecast_series(forecaster: Forecaster, series: Sequence[Series], horizon: i
     return pd.concat(parts, ignore_index=True)
 
 
+def check_output_path(path: str | Path) -> str:
+    """'parquet' or 'csv' by extension; an error naming the path otherwise."""
+    name = Path(path).name.lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst")):
+        return "csv"
+    raise InputError(f"--output {path}: unknown file type; use .csv, .csv.gz or .parquet")
+
+
 def write_frame(frame: pd.DataFrame, path: str | Path) -> None:
     """Write CSV (.csv, .csv.gz) or Parquet (.parquet) by extension."""
+    kind = check_output_path(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
+    if kind == "parquet":
         frame.to_parquet(path, index=False)
-    elif ".csv" in name:
-        frame.to_csv(path, index=False)
     else:
-        raise InputError(f"--output {path}: unknown file type; use .csv, .csv.gz or .parquet")
+        frame.to_csv(path, index=False)
 
 
 def plot_forecasts(series: Sequence[Series], forecasts: pd.DataFrame, path: str | Path,
@@ -100,6 +108,7 @@ def forecast_file(forecaster: Forecaster, input_path: str | Path, horizon: int, 
                   freq: str | None = None, batch_size: int = 64,
                   max_context_points: int | None = None) -> pd.DataFrame:
     """Read ``input_path``, forecast, write ``output_path`` (and ``plot_path``); return the frame."""
+    check_output_path(output_path)
     series = frame_to_series(read_long_format(input_path))
     forecasts = forecast_series(forecaster, series, horizon, freq=freq, source=str(input_path),
                                 batch_size=batch_size, max_context_points=max_context_points)
