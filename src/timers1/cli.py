@@ -16,6 +16,7 @@ from timers1.errors import InputError
 # Modules that contribute subcommands; each has register(subparsers).
 SUBCOMMAND_MODULES = [
     "timers1.commands",
+    "timers1.train.cli",
     "timers1.eval.cli",
     "timers1.data.cli",
     "timers1.bench.cli",

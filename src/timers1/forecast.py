@@ -121,6 +121,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    dcp_dir = _training_checkpoint(path)
+    if dcp_dir is not None:
+        return _load_training_checkpoint(dcp_dir, device)
     if hf.is_hf_dir(path):
         model_cfg, moe_cfg, state = hf.read_hf_dir(path)
         cfg = Config(model=model_cfg, moe=moe_cfg)
@@ -128,6 +131,37 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
         cfg, state = hf.read_model_dir(path)
     model = build_model(cfg.model, cfg.moe, device="meta")
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return cfg, model.to(device)
+
+
+def _training_checkpoint(path: Path) -> Path | None:
+    """A DCP training checkpoint: ``checkpoints/step_N`` itself, or a run dir (its latest one)."""
+    if (path / ".metadata").is_file():
+        return path
+    if (path / "checkpoints").is_dir() and not (path / "model.safetensors").is_file():
+        from timers1.train.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(path / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(f"run directory {path} has no complete checkpoint under checkpoints/")
+        return latest
+    return None
+
+
+def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
+    """Weights of a sharded training checkpoint, gathered into one plain model (any layout)."""
+    import torch.distributed.checkpoint as dcp
+
+    from timers1.hf import CheckpointFormatError, read_config_file
+
+    config_file = step_dir.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointFormatError(f"{step_dir}: no config.yaml in the run directory {step_dir.parent.parent}")
+    cfg = read_config_file(config_file)
+    model = build_model(cfg.model, cfg.moe, device="cpu", seed=None)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(step_dir))
+    model.load_state_dict(state["model"])
     return cfg, model.to(device)
 
 

@@ -106,15 +106,16 @@ class LossParts:
     z: torch.Tensor | None = None
 
     def as_floats(self) -> dict[str, float]:
-        out = {"loss": float(self.total), "loss_ntp": float(self.ntp)}
+        out = {"loss": self.total.item(), "loss_ntp": self.ntp.item()}
         if self.stp_per_horizon:
-            out["loss_stp"] = float(torch.stack(self.stp_per_horizon).mean())
-            for j, value in enumerate(self.stp_per_horizon, start=1):
-                out[f"loss_stp_{j}"] = float(value)
+            stp = torch.stack([x.detach() for x in self.stp_per_horizon])
+            out["loss_stp"] = stp.mean().item()
+            for j, value in enumerate(stp.tolist(), start=1):
+                out[f"loss_stp_{j}"] = value
         if self.aux is not None:
-            out["loss_aux"] = float(self.aux)
+            out["loss_aux"] = self.aux.item()
         if self.z is not None:
-            out["loss_z"] = float(self.z)
+            out["loss_z"] = self.z.item()
         return out
 
 
@@ -159,3 +160,20 @@ def timer_s1_loss(
         z = router_z_loss(records)
         total = total + z_loss_coef * z
     return LossParts(total, ntp, stp, aux, z)
+
+
+def window_loss(model, values_BW: torch.Tensor, mask_BW: torch.Tensor, context_points: int, quantiles: list[float],
+                stp_weighting: str = "uniform", aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0):
+    """Normalize the context, run the model, score every horizon: the whole single-device step.
+
+    Returns (LossParts, router records). The window holds the context followed by the future
+    points that supervise the last positions (see the module docstring).
+    """
+    from timers1.model import instance_normalize
+
+    context, context_mask = values_BW[:, :context_points], mask_BW[:, :context_points]
+    normed, mean, scale = instance_normalize(context, context_mask)
+    out = model(normed, context_mask)
+    parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, values_BW, mask_BW, mean, scale, quantiles,
+                          stp_weighting, aux_loss_coef, z_loss_coef)
+    return parts, out.router_records

@@ -1,0 +1,43 @@
+"""``timers1 train``: train (or resume) a run; also under ``torchrun -m timers1.cli train``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from timers1.config import load_config
+    from timers1.train import Trainer
+
+    overrides = list(args.set)
+    if args.run_dir:
+        overrides.append(f"train.run_dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, init_from=args.init_from, profile_dir=args.profile,
+                      max_steps_this_run=args.max_steps)
+    result = trainer.fit()
+    if result.exit_code != 0:
+        return result.exit_code
+    if result.step >= cfg.train.steps:
+        model_dir = trainer.export_model(Path(cfg.train.run_dir) / "model")
+        if trainer.rank == 0:
+            print(f"final model: {model_dir}", file=sys.stderr)
+            if not args.no_eval:
+                from timers1.train.final_eval import evaluate_run
+
+                evaluate_run(cfg, model_dir)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train or resume a Timer-S1 run")
+    p.add_argument("--config", type=Path, required=True, help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument("--run-dir", help="shortcut for --set train.run_dir=DIR")
+    p.add_argument("--init-from", help="initial weights: a timers1 checkpoint/model dir or the released HF dir")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of a few steps to DIR")
+    p.add_argument("--max-steps", type=int, help="stop this invocation after N more steps (resume later)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after the last step")
+    p.set_defaults(func=_train)

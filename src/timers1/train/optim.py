@@ -1,0 +1,59 @@
+"""Optimizer and learning-rate schedules.
+
+Weight decay applies to matrices only (Linear weights and stacked expert weights); norm gains,
+QK scales and biases are not decayed, as is standard for transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from timers1.config import TrainConfig
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for module in modules:
+        for _, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(modules, cfg.weight_decay)
+    if cfg.optimizer == "deepspeed_cpu_adam":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+        except ImportError as exc:  # optional extra
+            raise RuntimeError("train.optimizer='deepspeed_cpu_adam' needs `pip install deepspeed` (and g++, ninja)") from exc
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
+    # foreach is the fast path on CPU and CUDA alike; fused is CUDA-only for DTensors in places.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr after ``step`` optimizer steps (0-based: step 0 is the first update)."""
+    warmup = cfg.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    total = max(cfg.steps, warmup + 1)
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # Warmup-stable-decay: flat at the peak, then a linear decay over the last fraction of steps.
+    decay_steps = max(1, int(round(cfg.wsd_decay_fraction * total)))
+    decay_start = total - decay_steps
+    if step < decay_start:
+        return 1.0
+    return floor + (1.0 - floor) * max(0.0, (total - step) / decay_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
