@@ -1,0 +1,74 @@
+"""``parallelize(model, dims, parallel_cfg)``: TP -> EP -> activation checkpointing -> FSDP.
+
+The order is fixed (as in torchtitan) because each step consumes the previous one's output:
+TP turns dense weights into DTensors on the tp mesh; EP turns expert weights into DTensors
+Shard(0) on the ep mesh; checkpointing must wrap the blocks before FSDP registers its hooks
+on them; FSDP then shards whatever DTensor (or plain) parameter it finds along dp and
+combines the meshes (FSDP x TP = 2-D, expert-FSDP x EP = 2-D, 3-D with HSDP).
+
+FSDP groups (one all-gather / reduce-scatter each): every block's experts (on the expert mesh
+``efsdp``; it spans the tp ranks, whose token shards must be *summed*, so EP rescales the
+expert gradients by tp / ep to turn FSDP's average into sum-over-tp, mean-over-dp), every block (attention, router, norms), and the
+root part (embedding, final norm, head).
+
+Works on a whole TimerS1 or on a pipeline stage of one (any module may be missing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from timers1.parallel.dims import ParallelDims
+from timers1.parallel.expert_parallel import apply_expert_parallel
+from timers1.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def _blocks(model: nn.Module):
+    """(MoE-carrying block, module to shard/checkpoint) for main and STP blocks."""
+    for block in model.layers.values():
+        yield block, block
+    for stp in model.stp_blocks.values():
+        yield stp.block, stp
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in backward (composable API: parameter names do not change).
+
+    Inside a recomputed block the EP all-to-alls and the router-statistics all-reduce run again;
+    every rank recomputes the same blocks in the same order, so collectives stay matched.
+    """
+    from torch.distributed._composable import checkpoint
+
+    for _, module in _blocks(model):
+        checkpoint(module)
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    dp_mesh, expert_mesh = dims.mesh("dp"), dims.mesh("efsdp")
+    for moe_block, module in _blocks(model):
+        experts = moe_block.moe.experts
+        fully_shard(experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # Root: embedding, final norm and head; kept unsharded after forward (used again at once).
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, parallel_cfg, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply TP, EP, activation checkpointing and FSDP/HSDP in place; returns ``model``.
+
+    ``dims.build_meshes`` must have run. FSDP is always applied (a size-1 dp mesh is cheap):
+    it makes every parameter a DTensor, which is what DCP state dicts and resharding need,
+    and it is where partial gradients (sequence-parallel and router weights) get reduced.
+    """
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.mesh("tp"))
+    if dims.ep > 1 or dims.tp > 1:
+        apply_expert_parallel(model, dims.mesh("ep") if dims.ep > 1 else None, grad_factor=dims.tp / dims.ep)
+    if parallel_cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    # With PP each microbatch would re-gather the weights; keep them gathered for the step.
+    apply_fsdp(model, dims, param_dtype, reshard_after_forward=dims.pp == 1)
+    return model
