@@ -1,0 +1,1 @@
+"""Benchmarks: `timers1 bench <name>`; each prints JSON lines with ratios measured in the same run."""
