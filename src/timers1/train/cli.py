@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, init_from=args.init_from, profile_dir=args.profile,
                       max_steps_this_run=args.max_steps)
     result = trainer.fit()
-    if result.exit_code != 0:
+    if result.stopped_for_requeue:
         return result.exit_code
     if result.step >= cfg.train.steps:
         model_dir = trainer.export_model(Path(cfg.train.run_dir) / "model")

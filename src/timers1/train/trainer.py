@@ -42,8 +42,9 @@ from timers1.train.metrics import MetricsLogger, expert_load_stats, measure_peak
 from timers1.train.optim import build_optimizer, build_scheduler
 
 
-# Files in the run dir that talk to the launcher (launch/common.sh): STOP asks every rank to
-# checkpoint and exit; REQUEUE (holding the step) says the run stopped on purpose, not failed.
+# Files in the run dir that talk to the launcher (launch/common.sh, which clears both before
+# starting): STOP asks every rank to checkpoint and exit; REQUEUE (holding the step) says the
+# run stopped on purpose and wants to be requeued.
 STOP_FILE = "STOP"
 REQUEUE_FILE = "REQUEUE"
 
@@ -52,6 +53,7 @@ REQUEUE_FILE = "REQUEUE"
 class TrainResult:
     step: int
     exit_code: int
+    stopped_for_requeue: bool
     run_dir: Path
     last_loss: float | None
     losses: list[float]
@@ -121,8 +123,6 @@ class Trainer:
         self.guard = NonFiniteGuard(t.max_nonfinite_steps_in_row)
         # Control-plane flags travel on gloo even when training runs NCCL (no device sync).
         self._cpu_group = dist.new_group(backend="gloo") if _is_dist() else None
-        if self.rank == 0:
-            (self.run_dir / REQUEUE_FILE).unlink(missing_ok=True)
         self.step = 0
         self._last_saved_step = -1
         self.flops_per_patch = train_flops_per_patch(cfg.model, cfg.moe, self.context_points // self.patch)
@@ -264,6 +264,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, enabled=self.rank == 0)
         losses: list[float] = []
         exit_code = 0
+        stopped = False
         start_step = self.step
         stop_at = t.steps if self.max_steps_this_run is None else min(t.steps, self.step + self.max_steps_this_run)
         bar = None
@@ -305,7 +306,10 @@ class Trainer:
                     interval = self.cfg.checkpoint.save_interval_steps
                     if self._stop_requested(signals):
                         self.save(blocking=True)
-                        exit_code = REQUEUE_EXIT_CODE
+                        # Under torchrun a non-zero exit would make the agent restart the
+                        # workers; there the REQUEUE file alone tells the launcher.
+                        exit_code = 0 if os.environ.get("TORCHELASTIC_RUN_ID") else REQUEUE_EXIT_CODE
+                        stopped = True
                         if self.rank == 0:
                             (self.run_dir / REQUEUE_FILE).write_text(str(self.step))
                             (self.run_dir / STOP_FILE).unlink(missing_ok=True)
@@ -315,14 +319,14 @@ class Trainer:
                     if interval and self.step % interval == 0 and self.step < t.steps:
                         self.save()
                 # The end of the run, or of this invocation (--max-steps): the next one resumes here.
-                if exit_code == 0 and self.step > start_step and self.step != self._last_saved_step:
+                if not stopped and self.step > start_step and self.step != self._last_saved_step:
                     self.save(blocking=True)
         finally:
             self.checkpoints.wait()
             logger.close()
             if bar is not None:
                 bar.close()
-        return TrainResult(self.step, exit_code, self.run_dir, losses[-1] if losses else None, losses)
+        return TrainResult(self.step, exit_code, stopped, self.run_dir, losses[-1] if losses else None, losses)
 
     def export_model(self, out_dir: str | Path) -> Path:
         """Write the final weights as a model directory (config.yaml + model.safetensors) on rank 0."""
