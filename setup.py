@@ -24,11 +24,12 @@ setup(
         "PyYAML>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",
-        "scipy>=1.10",
-        "statsmodels>=0.14",
-        "matplotlib>=3.7",
+        "scipy>=1.10",  # synthetic generators, Fourier resampling
+        "statsmodels>=0.14",  # real series for the built-in corpus ship inside it
+        "pandas>=2",  # evaluation data frames
+        "matplotlib>=3.8",  # forecast plots, corpus inspection
         "statsforecast>=2.0",  # eval baselines (SeasonalNaive, Naive, AutoETS, AutoTheta)
-        "matplotlib>=3.8",  # forecast plots
+        "tensorboard>=2.14",  # training metrics for TensorBoard
     ],
     extras_require={
         "peers": ["fracast>=0.1"],  # Fracast-0, a pretrained peer for timers1 eval --baseline fracast
