@@ -232,36 +232,56 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemm_blocks(M_hint: int, N: int, Kd: int) -> dict:
-    """Tile sizes: small in the interpreter (each program is a numpy call), H100-sized on GPU.
+# H100 bf16 candidates: 128x128x64 with 8 warps / 3 stages is the usual winner for MoE-sized
+# problems (hundreds to thousands of rows per expert); narrower tiles for small widths or few
+# rows per expert, where 128-row tiles would be mostly padding.
+_H100_CONFIGS = [] if triton is None else [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3),
+    ]
+]
+# The interpreter cannot autotune (no device timer) and runs each program as numpy calls:
+# one small legal tile (tl.dot needs every dim >= 16).
+_INTERP_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+# Tuning keys: the GEMM's fixed dims and the epilogue flags; the token count S varies every
+# step and only changes the grid, so it is left out (the tile-to-expert map is in-kernel).
+_TUNED = {} if triton is None else {
+    _gate_up_fwd_kernel: triton.autotune(_H100_CONFIGS, key=["Dm", "Fw"])(_gate_up_fwd_kernel),
+    _grouped_mm_kernel: triton.autotune(_H100_CONFIGS, key=["N", "Kd", "TWO", "SWIGLU_BWD"])(_grouped_mm_kernel),
+    _grouped_wgrad_kernel: triton.autotune(_H100_CONFIGS, key=["M", "N", "H_FROM_GU"])(_grouped_wgrad_kernel),
+}
 
-    On an H100 in bf16, 128x128x64 tiles with 8 warps and 3 stages are the usual sweet spot for
-    MoE-sized problems (tens to thousands of rows per expert); narrower N for small widths.
-    Chosen by rule rather than ``triton.autotune`` because the M tiling also decides the grid
-    and the in-kernel tile-to-expert map, and because autotune cannot run in the interpreter.
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch with autotuned tiles on a GPU, fixed small tiles in the interpreter.
+
+    ``grid(meta)`` gets the tile sizes, because the number of M tiles (and so the grid) depends
+    on BLOCK_M: the grouped kernels launch cdiv(S, BLOCK_M) + E programs, an upper bound on
+    sum_e cdiv(count_e, BLOCK_M) that needs no host sync; surplus programs exit at once.
     """
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-    return dict(
-        BLOCK_M=64 if M_hint <= 64 else 128,
-        BLOCK_N=64 if N <= 64 else 128,
-        BLOCK_K=64 if Kd >= 64 else 32,
-        num_warps=8, num_stages=3,
-    )
+        kernel[grid(_INTERP_BLOCKS)](*args, **kwargs, **_INTERP_BLOCKS)
+    else:
+        _TUNED[kernel][grid](*args, **kwargs)
 
 
 def _wgrad(a_SM, b_SN, counts_E, out, g=None, u=None):
     """out[e] = a_e^T b_e into ``out`` ([E, M, N] with arbitrary strides)."""
     E, M, N = out.shape
-    blk = _gemm_blocks(64, N, 64)
-    bm, bn = blk["BLOCK_M"], blk["BLOCK_N"]
-    grid = (E, triton.cdiv(M, bm) * triton.cdiv(N, bn))
-    _grouped_wgrad_kernel[grid](
+    _launch(
+        _grouped_wgrad_kernel,
+        lambda meta: (E, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
         a_SM, b_SN if b_SN is not None else a_SM, g if g is not None else a_SM, u if u is not None else a_SM,
         counts_E, out, E, M, N, out.stride(0), out.stride(1), out.stride(2),
-        H_FROM_GU=g is not None, PREC=dot_precision(a_SM.dtype), BLOCK_E=next_pow2(E), **blk,
+        H_FROM_GU=g is not None, PREC=dot_precision(a_SM.dtype), BLOCK_E=next_pow2(E),
     )
     return out
+
+
+def _rows_grid(S, E, N):
+    return lambda meta: (triton.cdiv(S, meta["BLOCK_M"]) + E, triton.cdiv(N, meta["BLOCK_N"]))
 
 
 def _triton_forward(x_SD, counts_E, w_gate_EFD, w_up_EFD, w_down_EDF):
@@ -276,20 +296,18 @@ def _triton_forward(x_SD, counts_E, w_gate_EFD, w_up_EFD, w_down_EDF):
         return y_SD, g_SF, u_SF
     prec = dot_precision(dt)
     BE = next_pow2(E)
-    blk = _gemm_blocks(S // max(E, 1), Fw, D)
-    grid = (triton.cdiv(S, blk["BLOCK_M"]) + E, triton.cdiv(Fw, blk["BLOCK_N"]))
-    _gate_up_fwd_kernel[grid](
+    _launch(
+        _gate_up_fwd_kernel, _rows_grid(S, E, Fw),
         x_SD, w_gate_EFD, w_up_EFD, counts_E, g_SF, u_SF, h_SF, E, D, Fw,
         w_gate_EFD.stride(0), w_gate_EFD.stride(1), w_gate_EFD.stride(2),
-        PREC=prec, BLOCK_E=BE, **blk,
+        PREC=prec, BLOCK_E=BE,
     )
     # Y = H W_down[e]^T: B[e] = W_down[e]^T is [F, D], i.e. W_down with its last two strides swapped.
-    blk = _gemm_blocks(S // max(E, 1), D, Fw)
-    grid = (triton.cdiv(S, blk["BLOCK_M"]) + E, triton.cdiv(D, blk["BLOCK_N"]))
-    _grouped_mm_kernel[grid](
+    _launch(
+        _grouped_mm_kernel, _rows_grid(S, E, D),
         h_SF, w_down_EDF, h_SF, w_down_EDF, counts_E, y_SD, y_SD, y_SD, y_SD, E, D, Fw,
         w_down_EDF.stride(0), w_down_EDF.stride(2), w_down_EDF.stride(1),
-        TWO=False, SWIGLU_BWD=False, PREC=prec, BLOCK_E=BE, **blk,
+        TWO=False, SWIGLU_BWD=False, PREC=prec, BLOCK_E=BE,
     )
     return y_SD, g_SF, u_SF
 
@@ -302,25 +320,23 @@ def _triton_backward(dy_SD, x_SD, g_SF, u_SF, counts_E, w_gate_EFD, w_up_EFD, w_
     dg_SF = torch.empty_like(g_SF)
     du_SF = torch.empty_like(u_SF)
     # dH = dY W_down[e] with the SwiGLU backward as epilogue -> dG, dU.
-    blk = _gemm_blocks(S // max(E, 1), Fw, D)
     if S > 0:
-        grid = (triton.cdiv(S, blk["BLOCK_M"]) + E, triton.cdiv(Fw, blk["BLOCK_N"]))
-        _grouped_mm_kernel[grid](
+        _launch(
+            _grouped_mm_kernel, _rows_grid(S, E, Fw),
             dy_SD, w_down_EDF, dy_SD, w_down_EDF, counts_E, dg_SF, g_SF, u_SF, du_SF, E, Fw, D,
             w_down_EDF.stride(0), w_down_EDF.stride(1), w_down_EDF.stride(2),
-            TWO=False, SWIGLU_BWD=True, PREC=prec, BLOCK_E=BE, **blk,
+            TWO=False, SWIGLU_BWD=True, PREC=prec, BLOCK_E=BE,
         )
     dx = dwg = dwu = dwd = None
     if need[0]:
         # dX = dG W_gate[e] + dU W_up[e], both products in one accumulator.
         dx = torch.empty_like(x_SD)
         if S > 0:
-            blk = _gemm_blocks(S // max(E, 1), D, Fw)
-            grid = (triton.cdiv(S, blk["BLOCK_M"]) + E, triton.cdiv(D, blk["BLOCK_N"]))
-            _grouped_mm_kernel[grid](
+            _launch(
+                _grouped_mm_kernel, _rows_grid(S, E, D),
                 dg_SF, w_gate_EFD, du_SF, w_up_EFD, counts_E, dx, dx, dx, dx, E, D, Fw,
                 w_gate_EFD.stride(0), w_gate_EFD.stride(1), w_gate_EFD.stride(2),
-                TWO=True, SWIGLU_BWD=False, PREC=prec, BLOCK_E=BE, **blk,
+                TWO=True, SWIGLU_BWD=False, PREC=prec, BLOCK_E=BE,
             )
     if need[2]:
         dwg = _wgrad(dg_SF, x_SD, counts_E, torch.empty_like(w_gate_EFD))
