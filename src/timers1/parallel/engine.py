@@ -32,15 +32,31 @@ def _param_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class Engine:
     """Forward + backward of one (global) batch over whatever layout ``dims`` describes."""
 
-    def __init__(self, model_parts, dims: ParallelDims, cfg: Config, ctx: StepContext, device, schedule=None,
-                 stages=None):
+    def __init__(self, model_parts, dims: ParallelDims, cfg: Config, ctx: StepContext, device, stage_ids):
         self.model_parts: list[nn.Module] = model_parts
         self.dims = dims
         self.cfg = cfg
         self.ctx = ctx
         self.device = device
-        self.schedule = schedule
-        self.stages = stages or []
+        self.stage_ids = stage_ids
+        self.pipelined = dims.pp > 1
+        self._schedules: dict = {}
+
+    def _schedule_for(self, microbatch_rows: int, context_points: int):
+        """The pipeline schedule for this microbatch shape (built once per shape)."""
+        key = (microbatch_rows, context_points)
+        if key not in self._schedules:
+            m, p = self.cfg.model, self.cfg.parallel
+            patches = context_points // m.patch_points
+            if patches % self.dims.tp:
+                raise LayoutError(f"data.context_points={context_points} gives {patches} patches, not divisible by "
+                                  f"parallel.tp={self.dims.tp} (sequence parallel splits patches); change either")
+            num_stages = self.dims.pp * (2 if p.pp_schedule == "interleaved_1f1b" else 1)
+            self._schedules[key] = build_schedule(
+                self.model_parts, self.stage_ids, num_stages, self.device, self.dims.mesh("pp").get_group(),
+                p.pp_schedule, p.pp_microbatches, (microbatch_rows, patches // self.dims.tp, m.hidden_size),
+                (microbatch_rows, context_points))[0]
+        return self._schedules[key]
 
     # ------------------------------------------------------------------------------ step
     def forward_backward(self, values_BW: torch.Tensor, mask_BW: torch.Tensor, grad_scale: float = 1.0) -> LossParts:
@@ -61,23 +77,22 @@ class Engine:
         values_BW = values_BW.to(self.device)
         mask_BW = mask_BW.to(self.device).to(values_BW.dtype)
         normed, mean, scale = instance_normalize(values_BW[:, :context], mask_BW[:, :context])
-        num_mb = cfg.parallel.pp_microbatches if self.schedule is not None else 1
+        num_mb = cfg.parallel.pp_microbatches if self.pipelined else 1
         if values_BW.shape[0] % num_mb:
             raise LayoutError(f"batch of {values_BW.shape[0]} windows per rank is not divisible by "
                               f"parallel.pp_microbatches={num_mb}; change the batch size or the microbatches")
         ctx.num_microbatches = num_mb
         ctx.grad_scale = grad_scale
-        ctx.targets = list(zip(values_BW.chunk(num_mb), mask_BW.chunk(num_mb), mean.chunk(num_mb), scale.chunk(num_mb)))
+        ctx.targets = (values_BW, mask_BW, mean, scale)
         ctx.reset(self.device)
-        for part in self.model_parts:
-            part.microbatch_index = 0
-        if self.schedule is None:
-            loss = self.model_parts[0](normed, mask_BW[:, :context])
-            loss.backward()
+        rows_B = torch.arange(values_BW.shape[0], device=self.device)
+        if not self.pipelined:
+            loss = self.model_parts[0](normed, mask_BW[:, :context], rows_B)
+            loss.sum().backward()
         else:
-            inputs = (normed, mask_BW[:, :context]) if any(p.is_first_stage for p in self.model_parts) else ()
+            schedule = self._schedule_for(values_BW.shape[0] // num_mb, context)
             target = torch.zeros(values_BW.shape[0], device=self.device)
-            self.schedule.step(*inputs, target=target)
+            schedule.step(normed, mask_BW[:, :context], rows_B, target=target)
             self.tie_head_grads()
         return self._report()
 
@@ -180,8 +195,4 @@ def build_engine(model: TimerS1, dims: ParallelDims, cfg: Config, device: torch.
         elif device.type != "cpu":
             part.to(device)
         parts.append(part)
-    schedule = stages = None
-    if dims.pp > 1:
-        schedule, stages = build_schedule(parts, stage_ids, num_stages, device, dims.mesh("pp").get_group(),
-                                          p.pp_schedule, p.pp_microbatches)
-    return Engine(parts, dims, cfg, ctx, device, schedule, stages)
+    return Engine(parts, dims, cfg, ctx, device, stage_ids)

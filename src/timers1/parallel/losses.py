@@ -63,7 +63,8 @@ class StepContext:
     batch_group_size: int = 1
     num_microbatches: int = 1
     grad_scale: float = 1.0
-    targets: list = field(default_factory=list)
+    targets: tuple = ()
+    """(values_BW, mask_BW, mean_B1, scale_B1) of this rank's whole batch; stages pick rows."""
     report: torch.Tensor | None = None
 
     # report layout: [J horizon losses][num_blocks aux][num_blocks z]
@@ -76,9 +77,9 @@ class StepContext:
         h = self.num_horizons - 1
         return stp_weights(h, self.stp_weighting)[j - 1] / h
 
-    def horizon_loss(self, pred_BNQP: torch.Tensor, j: int, mb: int) -> torch.Tensor:
-        """wQL of horizon j (0 = NTP) for microbatch mb, weighted as in ``timer_s1_loss``."""
-        values_BW, mask_BW, mean_B1, scale_B1 = self.targets[mb]
+    def horizon_loss(self, pred_BNQP: torch.Tensor, j: int, rows_B: torch.Tensor) -> torch.Tensor:
+        """wQL of horizon j (0 = NTP) for the batch rows ``rows_B``, weighted as in ``timer_s1_loss``."""
+        values_BW, mask_BW, mean_B1, scale_B1 = (t.index_select(0, rows_B) for t in self.targets)
         n = pred_BNQP.shape[1]
         target, tmask = target_patches(values_BW, mask_BW, self.patch_points, n, j + 1)
         pred = pred_BNQP.unsqueeze(1) * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
