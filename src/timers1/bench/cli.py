@@ -15,6 +15,8 @@ BENCH_MODULES = [
     "timers1.bench.kernels",
     "timers1.bench.moe",
     "timers1.bench.data",
+    "timers1.bench.train",
+    "timers1.bench.checkpoint",
 ]
 
 

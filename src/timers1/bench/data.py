@@ -23,24 +23,12 @@ H100_BF16_DENSE_PEAK_FLOPS = 989e12
 TARGET_POINTS_PER_S_PER_CORE = 20e6
 
 
-def _flagship_train_flops_per_patch(context_patches: int) -> tuple[float, str]:
-    """Training FLOPs per patch token of the flagship, and where the formula came from."""
+def _flagship_train_flops_per_patch(context_patches: int) -> float:
+    """Training FLOPs per patch token of the flagship (benchmarks may import the model)."""
     from timers1.config import ModelConfig, MoEConfig
+    from timers1.model.flops import train_flops_per_patch
 
-    model, moe = ModelConfig(), MoEConfig()
-    try:
-        from timers1.model.flops import train_flops_per_patch
-
-        return float(train_flops_per_patch(model, moe, context_patches)), "timers1.model.flops"
-    except ImportError:
-        # Same formula as timers1.model.flops, for checkouts without the model package.
-        p, d, i, q = model.patch_points, model.hidden_size, model.intermediate_size, len(model.quantiles)
-        blocks, h, k, e = model.num_layers + model.num_stp_blocks, model.num_stp_blocks, moe.top_k, moe.num_experts
-        f = i // k
-        embed = 2 * p * i + i * d + 2 * p * d
-        matmul = embed + blocks * (5 * d * d + d * e + 3 * k * d * f) + h * 2 * d * d + (h + 1) * (d * d + 2 * d * q * p)
-        forward = 2.0 * matmul + blocks * 2.0 * context_patches * d
-        return 3.0 * forward, "inline formula (timers1.model.flops missing)"
+    return float(train_flops_per_patch(ModelConfig(), MoEConfig(), context_patches))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,12 +86,11 @@ def run(args) -> int:
                           "meets_target": bool(pps >= TARGET_POINTS_PER_S_PER_CORE)}))
     patch = ModelConfig().patch_points
     context_patches = args.window_points // patch
-    flops_per_patch, formula = _flagship_train_flops_per_patch(context_patches)
+    flops_per_patch = _flagship_train_flops_per_patch(context_patches)
     gpu_pps = args.mfu * H100_BF16_DENSE_PEAK_FLOPS / flops_per_patch * patch
     print(json.dumps({"bench": "data", "metric": "h100_flagship_points_per_s", "value": round(gpu_pps),
                       "mfu": args.mfu, "peak_flops": H100_BF16_DENSE_PEAK_FLOPS,
-                      "train_flops_per_patch": flops_per_patch, "context_patches": context_patches,
-                      "flops_formula": formula}))
+                      "train_flops_per_patch": flops_per_patch, "context_patches": context_patches}))
     ratio = results["sample_mask_augment"] / gpu_pps
     print(json.dumps({"bench": "data", "metric": "loader_core_to_h100_ratio", "value": round(ratio, 2),
                       "meaning": "H100s (flagship, 30% MFU) one loader core can feed, with augmentation",

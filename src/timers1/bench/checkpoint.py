@@ -1,0 +1,140 @@
+"""`timers1 bench checkpoint`: DCP save/load GB/s against this disk, and the cost of async saves.
+
+Baselines measured in the same run, in the same directory:
+  * raw write: one file of the checkpoint's size written with large writes and fsync'ed (DCP's
+    file writer fsyncs too), raw read: the same file read back. Reads of both come from the
+    page cache when the file fits in memory; they are compared like for like.
+  * async overhead: mean training-step time while an async save runs every few steps, against
+    the same steps with no saving.
+Targets (issue): DCP at >= 0.5 of raw bandwidth; async saving costs <= 5% of step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/small_cpu.yaml", help="model for the async-overhead part")
+    p.add_argument("--state-mib", type=int, default=512, help="size of the state saved in the bandwidth part")
+    p.add_argument("--dir", default=None, help="where to write (default: a temp dir on the run disk)")
+    p.add_argument("--steps", type=int, default=24, help="training steps per arm of the overhead part")
+    p.add_argument("--save-every", type=int, default=6, help="async save interval in the overhead part")
+
+
+def _raw_write_read(path: Path, nbytes: int) -> tuple[float, float]:
+    block = os.urandom(1 << 20) * 16  # 16 MiB
+    started = time.perf_counter()
+    with open(path, "wb") as f:
+        written = 0
+        while written < nbytes:
+            f.write(block)
+            written += len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+    read_s = time.perf_counter() - started
+    return written / write_s / 1e9, written / read_s / 1e9
+
+
+def run(args) -> int:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from timers1.config import load_config
+    from timers1.model import build_model
+    from timers1.train.checkpoint import CheckpointManager
+    from timers1.train.engine import LocalEngine
+    from timers1.train.optim import build_optimizer
+
+    root = Path(tempfile.mkdtemp(prefix="timers1-bench-ckpt-", dir=args.dir))
+    try:
+        # --- bandwidth: a state of many tensors, as a sharded model's is
+        numel = args.state_mib * 2**20 // 4
+        pieces = 64
+        state = {"model": {f"w{i}": torch.randn(numel // pieces) for i in range(pieces)}}
+        nbytes = numel // pieces * pieces * 4
+        raw_write, raw_read = _raw_write_read(root / "raw.bin", nbytes)
+        started = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(root / "dcp"))
+        save_gbs = nbytes / (time.perf_counter() - started) / 1e9
+        target = {"model": {k: torch.empty_like(v) for k, v in state["model"].items()}}
+        started = time.perf_counter()
+        dcp.load(target, checkpoint_id=str(root / "dcp"))
+        load_gbs = nbytes / (time.perf_counter() - started) / 1e9
+        assert all(torch.equal(target["model"][k], v) for k, v in state["model"].items())
+        print(json.dumps({"bench": "checkpoint", "metric": "bandwidth", "bytes": nbytes,
+                          "dcp_save_gb_s": round(save_gbs, 3), "raw_write_gb_s": round(raw_write, 3),
+                          "save_ratio": round(save_gbs / raw_write, 3),
+                          "dcp_load_gb_s": round(load_gbs, 3), "raw_read_gb_s": round(raw_read, 3),
+                          "load_ratio": round(load_gbs / raw_read, 3), "target_ratio": 0.5}))
+        del state, target
+
+        # --- async overhead on real training steps
+        cfg = load_config(args.config)
+        model = build_model(cfg.model, cfg.moe)
+        engine = LocalEngine(model, cfg)
+        optimizer = build_optimizer([model], cfg.train)
+        width = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
+        values = torch.randn(cfg.train.batch_size, width).cumsum(-1)
+        mask = torch.ones_like(values)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            engine.forward_backward(values, mask)
+            optimizer.step()
+
+        def arm(save: bool) -> float:
+            manager = CheckpointManager(root / ("async" if save else "none"), keep_last=2, async_save=True)
+            times = []
+            for i in range(args.steps):
+                started = time.perf_counter()
+                step()
+                if save and (i + 1) % args.save_every == 0:
+                    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+                    manager.save(i + 1, {"model": get_model_state_dict(model),
+                                         "optim": get_optimizer_state_dict(model, optimizer)})
+                times.append(time.perf_counter() - started)
+            manager.wait()
+            return sum(times) / len(times)
+
+        for _ in range(2):
+            step()
+        baseline = arm(save=False)
+        with_async = arm(save=True)
+        ckpt_bytes = sum(p.numel() * 4 * 3 for p in model.parameters())
+        print(json.dumps({"bench": "checkpoint", "metric": "async_overhead", "config": args.config,
+                          "checkpoint_bytes": ckpt_bytes, "save_every_steps": args.save_every,
+                          "step_s_no_save": round(baseline, 4), "step_s_async_save": round(with_async, 4),
+                          "overhead": round(with_async / baseline - 1, 4), "target_overhead": 0.05}))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def register_bench(subparsers) -> None:
+    p = subparsers.add_parser("checkpoint", help="DCP save/load GB/s vs raw disk; async-save step overhead")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="timers1 bench checkpoint", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
