@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "timers1.eval.cli",
     "timers1.data.cli",
     "timers1.bench.cli",
+    "timers1.parallel.cli",
 ]
 
 
