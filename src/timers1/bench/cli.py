@@ -17,6 +17,7 @@ BENCH_MODULES = [
     "timers1.bench.data",
     "timers1.bench.train",
     "timers1.bench.checkpoint",
+    "timers1.bench.dispatch",
 ]
 
 
