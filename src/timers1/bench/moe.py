@@ -129,6 +129,10 @@ def bench_shape(name, T, D, E, K, Fw, args):
 
 
 def run(args) -> int:
+    if args.threads:
+        # Only for diagnosis: on a shared or oversubscribed machine, 1 thread avoids OpenMP
+        # barrier stalls that hit the many mid-sized GEMMs of the MoE far harder than dense.
+        torch.set_num_threads(args.threads)
     for name in args.shapes:
         bench_shape(name, *SHAPES[name], args)
     return 0
@@ -139,6 +143,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler traces to DIR")
 
 
