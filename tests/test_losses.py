@@ -71,6 +71,8 @@ def _loop_loss(pred_norm, values, mask, mean, scale, quantiles, weights):
         total, count = 0.0, 0
         for b in range(batch):
             for i in range(num_pos):
+                if not any(mask[b, t].item() > 0 for t in range(i * p, (i + 1) * p)):
+                    continue  # the input patch itself is pure padding: nothing to predict from
                 start = (i + 1 + j) * p
                 pts = [(values[b, t].item(), mask[b, t].item(), t - start) for t in range(start, start + p)
                        if t < values.shape[1]]

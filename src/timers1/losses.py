@@ -4,7 +4,9 @@ Layout of a training window (values and mask, ``[B, W]`` points):
   the first N patches are the model input (``context_patches``); position i (0-based) of
   horizon j (j = 0 for the main stack, j = 1..H for STP block j) predicts patch ``i + 1 + j``
   of the window. Targets that run past the window, or points whose mask is 0 (padding), are
-  masked out. A window of (N + H + 1) patches supervises every position at every horizon.
+  masked out, and so are positions whose own input patch is pure padding (nothing to predict
+  from; see ``timers1.model.timer_s1.padding_attention_mask``). A window of (N + H + 1)
+  patches supervises every position at every horizon.
 
 Per-patch loss (paper 3.3), on de-normalized values:
   ``wQL_q = 2 * sum_t pinball_q(x_t, xhat_t) / denom``, averaged over the Q quantiles, where
@@ -74,27 +76,37 @@ def stp_weights(num_stp: int, weighting: str) -> list[float]:
     raise ValueError(f"unknown STP weighting {weighting!r}")
 
 
+def _valid_tokens(record: RouterRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs_TE, experts_TK, logits_TE) of the tokens routing losses count (not pure padding)."""
+    routing = record.routing
+    if record.token_valid_T is None:
+        return routing.probs_TE, routing.experts_TK, record.logits_TE
+    keep = record.token_valid_T
+    return routing.probs_TE[keep], routing.experts_TK[keep], record.logits_TE[keep]
+
+
 def load_balancing_loss(records: list[RouterRecord]) -> torch.Tensor:
     """Switch loss ``E * sum_e f_e * P_e`` per MoE block, averaged over blocks (1.0 when balanced).
 
     f_e (fraction of the T*K routed slots on expert e) carries no gradient; P_e (mean router
-    probability of e) does.
+    probability of e) does. Fully padded tokens are left out: they are not data, and a
+    gradient into them is what the padding attention mask exists to prevent.
     """
     losses = []
     for record in records:
-        probs_TE = record.routing.probs_TE
+        probs_TE, experts_TK, _ = _valid_tokens(record)
         num_experts = probs_TE.shape[-1]
-        counts = record.routing.tokens_per_expert_E.to(probs_TE.dtype)
+        counts = torch.bincount(experts_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
         fraction_E = counts / counts.sum().clamp_min(1.0)
         losses.append(num_experts * (fraction_E * probs_TE.mean(dim=0)).sum())
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
 def router_z_loss(records: list[RouterRecord]) -> torch.Tensor:
-    """Mean over tokens and blocks of logsumexp(router logits)^2 (ST-MoE)."""
+    """Mean over tokens and blocks of logsumexp(router logits)^2 (ST-MoE); padding left out."""
     if not records:
         return torch.zeros(())
-    return torch.stack([torch.logsumexp(r.logits_TE.float(), dim=-1).pow(2).mean() for r in records]).mean()
+    return torch.stack([torch.logsumexp(_valid_tokens(r)[2].float(), dim=-1).pow(2).mean() for r in records]).mean()
 
 
 @dataclass
@@ -142,6 +154,9 @@ def timer_s1_loss(
     """
     batch, num_horizons, context_patches, _, patch_points = pred_BJNQP.shape
     target, target_mask = target_patches(values_BW, mask_BW, patch_points, context_patches, num_horizons)
+    # A position whose own input patch is pure padding has nothing to predict from: skip it.
+    input_observed_BN = mask_BW[:, : context_patches * patch_points].reshape(batch, context_patches, patch_points).amax(-1) > 0
+    target_mask = target_mask * input_observed_BN[:, None, :, None].to(target_mask.dtype)
     pred = pred_BJNQP * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
     q = torch.tensor(quantiles, device=pred.device)
     wql_BJN, valid_BJN = weighted_quantile_loss(pred, target.to(pred.dtype), target_mask.to(pred.dtype), q,

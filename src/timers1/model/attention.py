@@ -37,13 +37,16 @@ class Attention(nn.Module):
     def _qk_norm(self, x_BHND: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x_BHND * torch.rsqrt(x_BHND.pow(2).mean(dim=-1, keepdim=True) + self.qk_norm_eps) * scale
 
-    def forward(self, x_BND: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn_mask_B1NN: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask_B1NN`` (bool, True = may attend) replaces the plain causal mask when given."""
         cos_ND, sin_ND = rope
         q = self._qk_norm(apply_rope(self._heads(self.q_proj(x_BND)), cos_ND, sin_ND), self.q_scale)
         k = self._qk_norm(apply_rope(self._heads(self.k_proj(x_BND)), cos_ND, sin_ND), self.k_scale)
         v = self._heads(self.v_proj(x_BND))
         out_BHND = nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask_B1NN, is_causal=attn_mask_B1NN is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         gate_BHND = self._heads(torch.sigmoid(self.gate_proj(x_BND)))
         out_BND = (out_BHND * gate_BHND).transpose(1, 2).flatten(2)

@@ -31,8 +31,9 @@ class TimeMoEBlock(nn.Module):
             moe_cfg.kernel_backend,
         )
 
-    def forward(self, h_BND: torch.Tensor, rope) -> tuple[torch.Tensor, RouterRecord]:
-        h_BND = h_BND + self.attention(self.attention_norm(h_BND), rope)
+    def forward(self, h_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterRecord]:
+        h_BND = h_BND + self.attention(self.attention_norm(h_BND), rope, attn_mask_B1NN)
         moe_out, record = self.moe(self.moe_norm(h_BND))
         return h_BND + moe_out, record
 
@@ -53,7 +54,8 @@ class TimeSTPBlock(nn.Module):
         self.block = TimeMoEBlock(model_cfg, moe_cfg)
         self.out_norm = RMSNorm(d)
 
-    def forward(self, h_BND: torch.Tensor, h0_BND: torch.Tensor, rope) -> tuple[torch.Tensor, RouterRecord]:
+    def forward(self, h_BND: torch.Tensor, h0_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterRecord]:
         x = self.projection(torch.cat([self.hidden_norm(h_BND), self.embed_norm(h0_BND)], dim=-1))
-        x, record = self.block(x, rope)
+        x, record = self.block(x, rope, attn_mask_B1NN)
         return self.out_norm(x), record

@@ -23,7 +23,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        # The clamp changes no value the released code computes (it only acts below 1e-38),
+        # but keeps the gradient finite for an all-zero row: sqrt'(0) is inf, and fully padded
+        # patches embed to exactly zero while the embedding biases are still zero.
+        rms = x.pow(2).mean(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
         return x / (rms + self.eps) * self.weight
 
     def reset_parameters(self) -> None:

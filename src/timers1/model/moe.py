@@ -26,6 +26,8 @@ class RouterRecord:
 
     routing: Routing
     logits_TE: torch.Tensor
+    token_valid_T: torch.Tensor | None = None
+    """bool per token: False for fully padded patches, which routing losses must ignore."""
 
 
 class GroupedExperts(nn.Module):

@@ -43,6 +43,31 @@ def instance_normalize(values_BL: torch.Tensor, mask_BL: torch.Tensor) -> tuple[
     return ((values_BL - mean) / scale) * mask, mean, scale
 
 
+def observed_patches(mask_BL: torch.Tensor, patch_points: int) -> torch.Tensor:
+    """bool [B, N]: patches holding at least one observed point."""
+    batch, length = mask_BL.shape
+    return mask_BL.view(batch, length // patch_points, patch_points).amax(dim=-1) > 0
+
+
+def padding_attention_mask(mask_BL: torch.Tensor, patch_points: int) -> torch.Tensor | None:
+    """Causal mask that hides fully padded patches as keys (each token still sees itself).
+
+    Training windows of short series are left-padded with whole patches of nothing; inference
+    pads less than one patch, so it never has such tokens (``None`` here, plain causal
+    attention, identical to the released code). Hiding them matters for training: they
+    embed to exactly zero while the embedding biases are zero, RMSNorm then scales their
+    gradient by 1/eps per block, and anything that reaches them overflows to inf. With the
+    mask (and the loss skipping their positions) no gradient reaches them at all.
+    """
+    valid_BN = observed_patches(mask_BL, patch_points)
+    if bool(valid_BN.all()):
+        return None
+    num = valid_BN.shape[1]
+    causal_NN = torch.ones(num, num, dtype=torch.bool, device=mask_BL.device).tril()
+    eye_NN = torch.eye(num, dtype=torch.bool, device=mask_BL.device)
+    return (causal_NN & (valid_BN[:, None, :] | eye_NN)).unsqueeze(1)
+
+
 @dataclass
 class TimerS1Output:
     """Training forward output (normalized units)."""
@@ -87,9 +112,10 @@ class TimerS1(nn.Module):
         )
         return self.embed(tokens)
 
-    def main_stack(self, h_BND: torch.Tensor, rope, records: list[RouterRecord]) -> torch.Tensor:
+    def main_stack(self, h_BND: torch.Tensor, rope, records: list[RouterRecord],
+                   attn_mask_B1NN: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self.layers.values():
-            h_BND, record = layer(h_BND, rope)
+            h_BND, record = layer(h_BND, rope, attn_mask_B1NN)
             records.append(record)
         return self.norm(h_BND) if self.norm is not None else h_BND
 
@@ -103,14 +129,19 @@ class TimerS1(nn.Module):
         """Dense training forward over normalized values; see the module docstring."""
         h0 = self.embed_patches(values_BL, mask_BL)
         rope = self.rope(h0.shape[1], h0)
+        attn_mask = padding_attention_mask(mask_BL, self.model_cfg.patch_points)
         records: list[RouterRecord] = []
-        h = self.main_stack(h0, rope, records)
+        h = self.main_stack(h0, rope, records, attn_mask)
         predictions = [self.head_quantiles(h)]
         stp = list(self.stp_blocks.values())
         for block in stp[: len(stp) if num_stp_blocks is None else num_stp_blocks]:
-            h, record = block(h, h0, rope)
+            h, record = block(h, h0, rope, attn_mask)
             records.append(record)
             predictions.append(self.head_quantiles(h))
+        if attn_mask is not None:
+            token_valid_T = observed_patches(mask_BL, self.model_cfg.patch_points).reshape(-1)
+            for record in records:
+                record.token_valid_T = token_valid_T
         return TimerS1Output(torch.stack(predictions, dim=1), records)
 
     # ----------------------------------------------------------------------------- inference
