@@ -95,7 +95,10 @@ def main(scenario: str, out_path: str) -> None:
     width = CONTEXT_POINTS + (m.num_stp_blocks + 1) * m.patch_points
     values = torch.randn(BATCH_PER_RANK * dims.dp, width).cumsum(-1)
     mask = torch.ones_like(values)
-    mask[:, :8] = 0  # left padding (half a patch: a fully padded patch has h0 = 0 at init, whose RMSNorm has a NaN gradient) (same in every series, so dp/microbatch means equal the global mean)
+    # Left padding of two whole patches and half of the third: fully padded patches exercise the
+    # padding attention mask and the padded-token exclusions on every layout. The same in every
+    # series, so per-rank and per-microbatch means equal the global mean.
+    mask[:, :40] = 0
     values = values * mask
     model = build_model(m, cfg.moe, seed=0)
     ref_model = build_model(m, cfg.moe, seed=0)

@@ -160,7 +160,8 @@ def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
     cfg = read_config_file(config_file)
     model = build_model(cfg.model, cfg.moe, device="cpu", seed=None)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(step_dir))
+    # no_dist: one process reads every shard, also when called inside a multi-rank job.
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     model.load_state_dict(state["model"])
     return cfg, model.to(device)
 

@@ -5,7 +5,7 @@ Layout of a training window (values and mask, ``[B, W]`` points):
   horizon j (j = 0 for the main stack, j = 1..H for STP block j) predicts patch ``i + 1 + j``
   of the window. Targets that run past the window, or points whose mask is 0 (padding), are
   masked out, and so are positions whose own input patch is pure padding (nothing to predict
-  from; see ``timers1.model.timer_s1.padding_attention_mask``). A window of (N + H + 1)
+  from; see ``timers1.model.timer_s1.padding_masks``). A window of (N + H + 1)
   patches supervises every position at every horizon.
 
 Per-patch loss (paper 3.3), on de-normalized values:
@@ -34,7 +34,11 @@ WQL_DENOMINATOR_FLOOR = 0.1
 
 def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points: int, context_patches: int,
                    num_horizons: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and their mask ``[B, J, N, P]`` for J horizons (j = 0 main stack, then STP)."""
+    """Targets and their mask ``[B, J, N, P]`` for J horizons (j = 0 main stack, then STP).
+
+    The mask is 0 for padding, for targets past the window and for every target of a position
+    whose input patch is pure padding.
+    """
     batch, width = values_BW.shape
     if width % patch_points:
         raise ValueError(f"window length {width} is not a multiple of the patch length {patch_points}")
@@ -47,7 +51,9 @@ def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points:
     masks = mask_BW.to(values_BW.dtype).view(batch, -1, patch_points)
     idx = torch.arange(context_patches, device=values_BW.device)
     gather = (idx[None, :] + 1 + torch.arange(num_horizons, device=values_BW.device)[:, None])  # [J, N]
-    return patches[:, gather], masks[:, gather]
+    # A position whose own input patch is pure padding has nothing to predict from: skip it.
+    input_observed_BN = masks[:, :context_patches].amax(dim=-1) > 0
+    return patches[:, gather], masks[:, gather] * input_observed_BN[:, None, :, None].to(masks.dtype)
 
 
 def weighted_quantile_loss(pred_BJNQP: torch.Tensor, target_BJNP: torch.Tensor, mask_BJNP: torch.Tensor,
@@ -154,9 +160,6 @@ def timer_s1_loss(
     """
     batch, num_horizons, context_patches, _, patch_points = pred_BJNQP.shape
     target, target_mask = target_patches(values_BW, mask_BW, patch_points, context_patches, num_horizons)
-    # A position whose own input patch is pure padding has nothing to predict from: skip it.
-    input_observed_BN = mask_BW[:, : context_patches * patch_points].reshape(batch, context_patches, patch_points).amax(-1) > 0
-    target_mask = target_mask * input_observed_BN[:, None, :, None].to(target_mask.dtype)
     pred = pred_BJNQP * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
     q = torch.tensor(quantiles, device=pred.device)
     wql_BJN, valid_BJN = weighted_quantile_loss(pred, target.to(pred.dtype), target_mask.to(pred.dtype), q,

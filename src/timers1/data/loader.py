@@ -11,7 +11,7 @@ are seen), scaled by the mixture weight of its domain and source. Epoch e visits
 the order of a keyed Feistel permutation (seed, e): a bijection computed per slot in O(1)
 memory, so even a trillion-point corpus needs no shuffled index array. Slot -> series by a
 binary search over the cumulative k_i; the window's start, the flip and the resampling factor
-come from a generator seeded by (seed, first slot of the batch).
+are pure functions of (seed, slot), so a window does not depend on the batch or rank that draws it.
 
 Rank r of R takes global batch blocks r, r + R, r + 2R, ...: its batch b holds slots
 ``slot_base + (b * R + r) * B + [0, B)``. Ranks are therefore disjoint, and interleaving the R
@@ -180,15 +180,27 @@ class WindowSampler:
             permuted[sel] = feistel_permute(position[sel], self.slots_per_epoch, _key(self.seed, 2, int(e)))
         return np.searchsorted(self.cumulative_windows, permuted, side="right") - 1
 
+    def _slot_uniforms(self, slots: np.ndarray, streams: int) -> np.ndarray:
+        """[streams, len(slots)] independent uniforms in [0, 1), a pure function of (seed, slot)."""
+        key = np.uint64(_key(self.seed, 1))
+        lanes = slots.astype(np.uint64)[None, :] * np.uint64(streams) + np.arange(streams, dtype=np.uint64)[:, None]
+        with np.errstate(over="ignore"):
+            bits = _mix64(_mix64(lanes ^ key))
+        return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
     def sample(self, first_slot: int, batch_size: int) -> WindowBatch:
         """The windows of slots [first_slot, first_slot + batch_size)."""
         W, B = self.window_points, int(batch_size)
-        series = self.slot_series(np.arange(first_slot, first_slot + B, dtype=np.int64))
-        rng = np.random.default_rng([self.seed, 1, int(first_slot)])
-        # Every draw is made whatever the probabilities, so changing one augmentation's
-        # probability leaves the windows and the other augmentation unchanged.
-        u_start, u_flip, u_resample = rng.random((3, B))
-        factor_index = rng.integers(0, len(self.resample_factors), size=B)
+        slots = np.arange(first_slot, first_slot + B, dtype=np.int64)
+        series = self.slot_series(slots)
+        # Draws are keyed by (seed, slot), not by the batch: a window is the same whichever
+        # rank, batch size or layout samples it, so a checkpoint resumed at another layout
+        # sees exactly the data the original layout would have. Every draw is made whatever
+        # the probabilities, so changing one augmentation's probability leaves the windows
+        # and the other augmentation unchanged.
+        u_start, u_flip, u_resample, u_factor = self._slot_uniforms(slots, 4)
+        factor_index = np.minimum((u_factor * len(self.resample_factors)).astype(np.int64),
+                                  len(self.resample_factors) - 1)
 
         n = self.lengths[series]
         source_points = np.full(B, W, dtype=np.int64)

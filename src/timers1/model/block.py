@@ -31,10 +31,11 @@ class TimeMoEBlock(nn.Module):
             moe_cfg.kernel_backend,
         )
 
-    def forward(self, h_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, RouterRecord]:
+    def forward(self, h_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None,
+                token_valid_BN: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterRecord]:
+        """``attn_mask_B1NN``/``token_valid_BN``: see ``timer_s1.padding_masks`` (None: no padding)."""
         h_BND = h_BND + self.attention(self.attention_norm(h_BND), rope, attn_mask_B1NN)
-        moe_out, record = self.moe(self.moe_norm(h_BND))
+        moe_out, record = self.moe(self.moe_norm(h_BND), token_valid_BN)
         return h_BND + moe_out, record
 
 
@@ -54,8 +55,8 @@ class TimeSTPBlock(nn.Module):
         self.block = TimeMoEBlock(model_cfg, moe_cfg)
         self.out_norm = RMSNorm(d)
 
-    def forward(self, h_BND: torch.Tensor, h0_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, RouterRecord]:
+    def forward(self, h_BND: torch.Tensor, h0_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None,
+                token_valid_BN: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterRecord]:
         x = self.projection(torch.cat([self.hidden_norm(h_BND), self.embed_norm(h0_BND)], dim=-1))
-        x, record = self.block(x, rope, attn_mask_B1NN)
+        x, record = self.block(x, rope, attn_mask_B1NN, token_valid_BN)
         return self.out_norm(x), record

@@ -63,11 +63,14 @@ class MoE(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = GroupedExperts(num_experts, hidden_size, expert_hidden, backend)
 
-    def forward(self, x_BND: torch.Tensor) -> tuple[torch.Tensor, RouterRecord]:
+    def forward(self, x_BND: torch.Tensor, token_valid_BN: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterRecord]:
+        """``token_valid_BN`` (bool, optional) marks real tokens; it only travels to the record."""
         x_TD = x_BND.reshape(-1, x_BND.shape[-1])
         logits_TE = self.router(x_TD)
         routing = route(logits_TE, self.top_k, self.renormalize, backend=self.backend)
         x_SD = permute(x_TD, routing.sorted_slots_S, self.top_k, backend=self.backend)
         y_SD = self.experts(x_SD, routing.tokens_per_expert_E)
         y_TD = unpermute(y_SD, routing.sorted_slots_S, routing.weights_TK, backend=self.backend)
-        return y_TD.view_as(x_BND), RouterRecord(routing, logits_TE)
+        valid_T = token_valid_BN.reshape(-1) if token_valid_BN is not None else None
+        return y_TD.view_as(x_BND), RouterRecord(routing, logits_TE, valid_T)

@@ -49,8 +49,10 @@ def observed_patches(mask_BL: torch.Tensor, patch_points: int) -> torch.Tensor:
     return mask_BL.view(batch, length // patch_points, patch_points).amax(dim=-1) > 0
 
 
-def padding_attention_mask(mask_BL: torch.Tensor, patch_points: int) -> torch.Tensor | None:
-    """Causal mask that hides fully padded patches as keys (each token still sees itself).
+def padding_masks(mask_BL: torch.Tensor, patch_points: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(attention mask [B, 1, N, N], token validity [B, N]) for a padded batch; (None, None) without padding.
+
+    The attention mask is causal and hides fully padded patches as keys (each token still sees itself).
 
     Training windows of short series are left-padded with whole patches of nothing; inference
     pads less than one patch, so it never has such tokens (``None`` here, plain causal
@@ -61,11 +63,11 @@ def padding_attention_mask(mask_BL: torch.Tensor, patch_points: int) -> torch.Te
     """
     valid_BN = observed_patches(mask_BL, patch_points)
     if bool(valid_BN.all()):
-        return None
+        return None, None
     num = valid_BN.shape[1]
     causal_NN = torch.ones(num, num, dtype=torch.bool, device=mask_BL.device).tril()
     eye_NN = torch.eye(num, dtype=torch.bool, device=mask_BL.device)
-    return (causal_NN & (valid_BN[:, None, :] | eye_NN)).unsqueeze(1)
+    return (causal_NN & (valid_BN[:, None, :] | eye_NN)).unsqueeze(1), valid_BN
 
 
 @dataclass
@@ -113,9 +115,10 @@ class TimerS1(nn.Module):
         return self.embed(tokens)
 
     def main_stack(self, h_BND: torch.Tensor, rope, records: list[RouterRecord],
-                   attn_mask_B1NN: torch.Tensor | None = None) -> torch.Tensor:
+                   attn_mask_B1NN: torch.Tensor | None = None, token_valid_BN: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         for layer in self.layers.values():
-            h_BND, record = layer(h_BND, rope, attn_mask_B1NN)
+            h_BND, record = layer(h_BND, rope, attn_mask_B1NN, token_valid_BN)
             records.append(record)
         return self.norm(h_BND) if self.norm is not None else h_BND
 
@@ -129,19 +132,15 @@ class TimerS1(nn.Module):
         """Dense training forward over normalized values; see the module docstring."""
         h0 = self.embed_patches(values_BL, mask_BL)
         rope = self.rope(h0.shape[1], h0)
-        attn_mask = padding_attention_mask(mask_BL, self.model_cfg.patch_points)
+        attn_mask, token_valid = padding_masks(mask_BL, self.model_cfg.patch_points)
         records: list[RouterRecord] = []
-        h = self.main_stack(h0, rope, records, attn_mask)
+        h = self.main_stack(h0, rope, records, attn_mask, token_valid)
         predictions = [self.head_quantiles(h)]
         stp = list(self.stp_blocks.values())
         for block in stp[: len(stp) if num_stp_blocks is None else num_stp_blocks]:
-            h, record = block(h, h0, rope, attn_mask)
+            h, record = block(h, h0, rope, attn_mask, token_valid)
             records.append(record)
             predictions.append(self.head_quantiles(h))
-        if attn_mask is not None:
-            token_valid_T = observed_patches(mask_BL, self.model_cfg.patch_points).reshape(-1)
-            for record in records:
-                record.token_valid_T = token_valid_T
         return TimerS1Output(torch.stack(predictions, dim=1), records)
 
     # ----------------------------------------------------------------------------- inference

@@ -54,6 +54,7 @@ class StepContext:
     num_horizons: int
     num_blocks: int
     patch_points: int
+    context_points: int = 0
     stp_weighting: str = "uniform"
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
@@ -100,7 +101,12 @@ class StepContext:
                 return None
             y, record = out
             routing = record.routing
-            counts = routing.tokens_per_expert_E.detach().to(torch.float32)
+            probs_TE, experts_TK, logits_TE = routing.probs_TE, routing.experts_TK, record.logits_TE
+            if record.token_valid_T is not None:
+                # Fully padded tokens are not data (see timers1.losses.load_balancing_loss).
+                keep = record.token_valid_T
+                probs_TE, experts_TK, logits_TE = probs_TE[keep], experts_TK[keep], logits_TE[keep]
+            counts = torch.bincount(experts_TK.reshape(-1), minlength=probs_TE.shape[-1]).to(torch.float32)
             if self.batch_group_size > 1:
                 counts = counts.clone()
                 dist.all_reduce(counts, group=self.batch_group)
@@ -108,13 +114,12 @@ class StepContext:
             total_tokens = counts.sum() / top_k
             term = y.new_zeros((), dtype=torch.float32)
             if self.aux_loss_coef > 0:
-                probs_TE = routing.probs_TE
                 aux = probs_TE.shape[-1] * (counts / counts.sum() * probs_TE.sum(dim=0)).sum() / total_tokens
                 term = term + self.aux_loss_coef * aux
                 if not _in_backward():
                     self.report[self.num_horizons + block_id] += aux.detach().double() / self.num_microbatches
             if self.z_loss_coef > 0:
-                lse = torch.logsumexp(record.logits_TE.float(), dim=-1)
+                lse = torch.logsumexp(logits_TE.float(), dim=-1)
                 z = lse.pow(2).sum() / total_tokens
                 term = term + self.z_loss_coef * z
                 if not _in_backward():

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from timers1.model.timer_s1 import TimerS1
+from timers1.model.timer_s1 import TimerS1, padding_masks
 from timers1.parallel.losses import AttachLoss, StepContext
 
 
@@ -90,17 +90,20 @@ class TimerS1Stage(TimerS1):
         else:
             h = self._to_dtensor(args[0])
             h0 = self._to_dtensor(args[1]) if self.carry_h0 else None
-        rope = self.rope(h.shape[1], h)
+        # Padding masks for this microbatch, for the whole sequence (attention sees all of it).
+        context_mask_BL = ctx.targets[1].index_select(0, mb)[:, : ctx.context_points]
+        attn_mask, token_valid = padding_masks(context_mask_BL, self.model_cfg.patch_points)
+        rope = self.rope(context_mask_BL.shape[1] // self.model_cfg.patch_points, h)
         loss = None
         for kind, name in self.stage_units:
             if kind == "main":
-                h, _ = self.layers[name](h, rope)
+                h, _ = self.layers[name](h, rope, attn_mask, token_valid)
                 if name == self.last_main:
                     h = self.norm(h)
                     term = self._predict(h, 0, mb)
                     loss = term if loss is None else loss + term
             else:
-                h, _ = self.stp_blocks[name](h, h0, rope)
+                h, _ = self.stp_blocks[name](h, h0, rope, attn_mask, token_valid)
                 term = self._predict(h, int(name) + 1, mb)
                 loss = term if loss is None else loss + term
         if self.is_last_stage:

@@ -69,7 +69,12 @@ def _moe_local_io(moe: nn.Module, mesh) -> None:
 
     def pre(_mod, args):
         x = args[0]
-        return (x.to_local() if isinstance(x, DTensor) else x,) + tuple(args[1:])
+        token_valid_BN = args[1] if len(args) > 1 else None
+        if token_valid_BN is not None:
+            # Validity comes for the whole sequence; the MoE sees this rank's Shard(1) slice
+            # (DTensor shards by torch.chunk, so chunk the same way).
+            token_valid_BN = torch.chunk(token_valid_BN, mesh.size(), dim=1)[mesh.get_local_rank()]
+        return (x.to_local() if isinstance(x, DTensor) else x, token_valid_BN)
 
     def post(_mod, _args, out):
         y, record = out
@@ -82,8 +87,9 @@ def _moe_local_io(moe: nn.Module, mesh) -> None:
 def _parallelize_block(block: TimeMoEBlock, mesh) -> None:
     parallelize_module(block, mesh, {
         "attention_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
-                                        use_local_output=True),
+        # Inputs: (x, rope, attention mask); only x is a DTensor, gathered for full-sequence attention.
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                        desired_input_layouts=(Replicate(), None, None), use_local_output=True),
         "attention.q_proj": ColwiseParallel(),
         "attention.k_proj": ColwiseParallel(),
         "attention.v_proj": ColwiseParallel(),

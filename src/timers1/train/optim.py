@@ -57,3 +57,69 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+class PartOptimizers:
+    """One optimizer and LR schedule per model part (pipeline stage held by this rank).
+
+    Parts share fully qualified names (the quantile head is copied into every pipeline stage),
+    so state dicts use DCP's flattened form keyed by FQN: the parts' dicts merge into one that
+    is independent of the layout and loads into any other (DCP reshards the tensors).
+    """
+
+    def __init__(self, parts: list[nn.Module], cfg: TrainConfig):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        self.parts = parts
+        self.optimizers = [build_optimizer([part], cfg) for part in parts]
+        self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers]
+        self._options = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def schedule_step(self) -> None:
+        for sched in self.schedulers:
+            sched.step()
+
+    @property
+    def lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+    def model_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+
+    def load_model_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        for part in self.parts:
+            keys = set(part.state_dict().keys())
+            set_model_state_dict(part, {k: v for k, v in state.items() if k in keys})
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        merged: dict = {}
+        for part, opt in zip(self.parts, self.optimizers):
+            merged.update(get_optimizer_state_dict(part, opt, options=self._options))
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        for part, opt in zip(self.parts, self.optimizers):
+            set_optimizer_state_dict(part, opt, state, options=self._options)
+
+    def scheduler_state(self) -> list[dict]:
+        return [s.state_dict() for s in self.schedulers]
+
+    def load_scheduler_state(self, states: list[dict]) -> None:
+        for sched in self.schedulers:
+            sched.load_state_dict(states[0])  # all parts follow one schedule

@@ -28,9 +28,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 from timers1.config import Config, ConfigError, save_config
 from timers1.model import build_model
@@ -39,7 +36,7 @@ from timers1.train.engine import make_engine
 from timers1.train.checkpoint import CheckpointManager, checkpoint_keys, rng_state, set_rng_state
 from timers1.train.faults import REQUEUE_EXIT_CODE, NonFiniteGuard, PreemptionSignals
 from timers1.train.metrics import MetricsLogger, expert_load_stats, measure_peak_tflops, memory_stats
-from timers1.train.optim import build_optimizer, build_scheduler
+from timers1.train.optim import PartOptimizers
 
 
 # Files in the run dir that talk to the launcher (launch/common.sh, which clears both before
@@ -64,14 +61,16 @@ def _is_dist() -> bool:
 
 
 def init_device() -> torch.device:
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, gloo on CPU);
+    a single process needs none. Returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from timers1.parallel import init_distributed
+
+        return init_distributed()
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not _is_dist():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _world() -> tuple[int, int]:
@@ -107,7 +106,7 @@ class Trainer:
             _, source = load_model(init_path)
             missing = model.load_state_dict(source.state_dict(), strict=True)
             del source, missing
-        self.engine = make_engine(model.to(self.device), cfg, self.world_size)
+        self.engine = make_engine(model.to(self.device), cfg, self.world_size, self.device)
         per_rank = self.engine.dp_size * t.grad_accum_steps
         if t.batch_size % per_rank:
             raise ConfigError(
@@ -115,8 +114,7 @@ class Trainer:
                 f"{self.engine.dp_size} x train.grad_accum_steps={t.grad_accum_steps}"
             )
         self.micro_batch = t.batch_size // per_rank
-        self.optimizer = build_optimizer(self.engine.model_parts, t)
-        self.scheduler = build_scheduler(self.optimizer, t)
+        self.optim = PartOptimizers(self.engine.model_parts, t)
         self.loader = self._build_loader()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                              cfg.checkpoint.async_save)
@@ -145,21 +143,14 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------- checkpoints
-    @property
-    def _parts(self):
-        """What the DCP state-dict helpers take: the module, or the list of pipeline-stage modules."""
-        parts = self.engine.model_parts
-        return parts if len(parts) > 1 else parts[0]
-
     def _state(self) -> dict[str, Any]:
-        options = StateDictOptions(full_state_dict=False, cpu_offload=False)
         return {
-            "model": get_model_state_dict(self._parts, options=options),
-            "optim": get_optimizer_state_dict(self._parts, self.optimizer, options=options),
+            "model": self.optim.model_state_dict(),
+            "optim": self.optim.state_dict(),
             "train": {
                 "step": self.step,
                 "world_size": self.world_size,
-                "scheduler": pickle.dumps(self.scheduler.state_dict()),
+                "scheduler": pickle.dumps(self.optim.scheduler_state()),
                 "nonfinite_skipped": self.guard.skipped_total,
             },
             f"rank_{self.rank}": {
@@ -186,11 +177,11 @@ class Trainer:
         source = own if same_layout else "rank_0"
         state[source] = state.pop(own)
         self.checkpoints.load(path, state)
-        set_model_state_dict(self._parts, state["model"])
-        set_optimizer_state_dict(self._parts, self.optimizer, state["optim"])
+        self.optim.load_model_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
         train = state["train"]
         self.step = int(train["step"])
-        self.scheduler.load_state_dict(pickle.loads(train["scheduler"]))
+        self.optim.load_scheduler_state(pickle.loads(train["scheduler"]))
         self.guard.skipped_total = int(train["nonfinite_skipped"])
         self.loader.load_state_dict(pickle.loads(state[source]["loader"]))
         if same_layout:
@@ -221,7 +212,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.train
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optim.zero_grad()
         totals: dict[str, float] = {}
         load = None
         for _ in range(t.grad_accum_steps):
@@ -235,13 +226,13 @@ class Trainer:
         loss = self.engine.reduce_loss(totals.get("loss", float("nan")))
         applied = self.guard.check(loss, grad_norm, self.step)
         if applied:
-            self.optimizer.step()
+            self.optim.step()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optim.zero_grad()
         with warnings.catch_warnings():
             # A skipped update still advances the schedule (it is a function of the step).
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-            self.scheduler.step()
+            self.optim.schedule_step()
         record = {**totals, "loss": loss, "grad_norm": grad_norm, "skipped": not applied}
         if load is not None:
             if _is_dist():
@@ -284,7 +275,7 @@ class Trainer:
                     patches = points // self.patch
                     record.update({
                         "step": self.step,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": self.optim.lr,
                         "step_time_s": elapsed,
                         "points_per_s": points / elapsed,
                         "tokens_per_s": patches / elapsed,
@@ -329,12 +320,18 @@ class Trainer:
         return TrainResult(self.step, exit_code, stopped, self.run_dir, losses[-1] if losses else None, losses)
 
     def export_model(self, out_dir: str | Path) -> Path:
-        """Write the final weights as a model directory (config.yaml + model.safetensors) on rank 0."""
+        """Write the newest checkpoint's weights as a model directory (config.yaml + model.safetensors).
+
+        Rank 0 reads the sharded checkpoint whole, so every layout (pipeline stages included)
+        exports the same full model.
+        """
+        from timers1.forecast import load_model
         from timers1.hf import write_model_dir
 
-        state = get_model_state_dict(self._parts, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self.checkpoints.wait()
         if self.rank == 0:
-            write_model_dir(out_dir, self.cfg, {k: v.detach().float().cpu() for k, v in state.items()})
+            cfg, model = load_model(self.checkpoints.latest())
+            write_model_dir(out_dir, self.cfg, {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
         if _is_dist():
             dist.barrier()
         return Path(out_dir)
