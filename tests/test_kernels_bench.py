@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from timers1.bench import kernels as bench_kernels
+from timers1.cli import main
 
 
 def test_bench_kernels_json_lines(capsys, tmp_path):
-    rc = bench_kernels.main(["--device", "cpu", "--tokens", "64", "--hidden", "32", "--experts", "4",
+    rc = main(["bench", "kernels", "--device", "cpu", "--tokens", "64", "--hidden", "32", "--experts", "4",
                              "--top-k", "2", "--expert-width", "16", "--repeats", "1",
                              "--profile", str(tmp_path)])
     assert rc == 0

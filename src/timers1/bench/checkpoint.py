@@ -124,17 +124,10 @@ def run(args) -> int:
     return 0
 
 
-def register_bench(subparsers) -> None:
-    p = subparsers.add_parser("checkpoint", help="DCP save/load GB/s vs raw disk; async-save step overhead")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="timers1 bench checkpoint", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
+NAME = "checkpoint"
+HELP = "DCP save/load GB/s vs raw disk; async-save step overhead"
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from timers1.bench.cli import bench_main
+
+    sys.exit(bench_main(sys.modules[__name__]))

@@ -1,23 +1,25 @@
 """`timers1 bench <name>`: each benchmark module in BENCH_MODULES adds its own sub-subcommand.
 
-A module exposes ``register_bench(subparsers)`` (adds its parser and sets ``func``) and
-``main(argv)`` for running it on its own. Modules load lazily here so a benchmark whose
-optional dependency is missing does not break the others.
+A module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args)``; this file
+registers it, and ``bench_main`` runs it on its own (``python -m timers1.bench.<name>``).
+Modules load lazily here so a benchmark whose optional dependency is missing does not break
+the others.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-# Benchmark modules; each has register_bench(subparsers).
+# Benchmark modules; each defines NAME, HELP, add_arguments(parser) and run(args) -> int.
 BENCH_MODULES = [
     "timers1.bench.kernels",
     "timers1.bench.moe",
     "timers1.bench.data",
+    "timers1.bench.dispatch",
     "timers1.bench.train",
     "timers1.bench.checkpoint",
-    "timers1.bench.dispatch",
 ]
 
 
@@ -30,4 +32,13 @@ def register(subparsers) -> None:
         except ImportError as exc:  # a benchmark with a missing optional dependency
             print(f"timers1 bench: {name} unavailable: {exc}", file=sys.stderr)
             continue
-        module.register_bench(sub)
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.__doc__.splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+
+
+def bench_main(module, argv: list[str] | None = None) -> int:
+    """``python -m timers1.bench.<name>``: the same benchmark without the CLI around it."""
+    p = argparse.ArgumentParser(prog=f"timers1 bench {module.NAME}", description=module.__doc__.splitlines()[0])
+    module.add_arguments(p)
+    return module.run(p.parse_args(argv))

@@ -100,17 +100,10 @@ def run(args) -> int:
     return 0
 
 
-def register_bench(subparsers) -> None:
-    p = subparsers.add_parser("data", help="loader points/s per core vs flagship H100 consumption (JSON lines)")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="timers1 bench data", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
+NAME = "data"
+HELP = "loader points/s per core vs flagship H100 consumption (JSON lines)"
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from timers1.bench.cli import bench_main
+
+    sys.exit(bench_main(sys.modules[__name__]))

@@ -138,17 +138,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_bench(subparsers) -> None:
-    p = subparsers.add_parser("dispatch", help="EP all-to-all dispatch+combine time vs expert compute (JSON lines)")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="timers1 bench dispatch", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
+NAME = "dispatch"
+HELP = "EP all-to-all dispatch+combine time vs expert compute (JSON lines)"
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from timers1.bench.cli import bench_main
+
+    sys.exit(bench_main(sys.modules[__name__]))

@@ -170,17 +170,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler traces to DIR")
 
 
-def register_bench(subparsers) -> None:
-    p = subparsers.add_parser("kernels", help="MoE kernel ops vs PyTorch reference and machine peak (JSON lines)")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="timers1 bench kernels", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
+NAME = "kernels"
+HELP = "MoE kernel ops vs PyTorch reference and machine peak (JSON lines)"
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from timers1.bench.cli import bench_main
+
+    sys.exit(bench_main(sys.modules[__name__]))

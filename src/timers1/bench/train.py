@@ -79,17 +79,10 @@ def run(args) -> int:
     return 0
 
 
-def register_bench(subparsers) -> None:
-    p = subparsers.add_parser("train", help="training step throughput and MFU vs the measured matmul peak")
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="timers1 bench train", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
+NAME = "train"
+HELP = "training step throughput and MFU vs the measured matmul peak"
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from timers1.bench.cli import bench_main
+
+    sys.exit(bench_main(sys.modules[__name__]))

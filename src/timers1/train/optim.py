@@ -7,6 +7,8 @@ QK scales and biases are not decayed, as is standard for transformers.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from typing import Iterable
 
 import torch
@@ -84,8 +86,11 @@ class PartOptimizers:
             opt.step()
 
     def schedule_step(self) -> None:
-        for sched in self.schedulers:
-            sched.step()
+        """Advance the schedule, also after a skipped (non-finite) update: lr is a function of the step."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            for sched in self.schedulers:
+                sched.step()
 
     @property
     def lr(self) -> float:

@@ -21,7 +21,6 @@ import os
 import pickle
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -229,10 +228,8 @@ class Trainer:
             self.optim.step()
         else:
             self.optim.zero_grad()
-        with warnings.catch_warnings():
-            # A skipped update still advances the schedule (it is a function of the step).
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-            self.optim.schedule_step()
+        # A skipped update still advances the schedule (it is a function of the step).
+        self.optim.schedule_step()
         record = {**totals, "loss": loss, "grad_norm": grad_norm, "skipped": not applied}
         if load is not None:
             if _is_dist():

@@ -1,0 +1,30 @@
+"""Smoke tests of the training benchmarks: they run on tiny shapes and print their ratios."""
+
+from __future__ import annotations
+
+import json
+
+from timers1.cli import main
+from tests.conftest import CONFIGS_DIR
+
+
+def _records(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_bench_train_reports_mfu_against_measured_peak(capsys, tmp_path):
+    assert main(["bench", "train", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--steps", "2",
+                 "--set", "data.context_points=64", "--profile", str(tmp_path)]) == 0
+    (record,) = _records(capsys)
+    assert record["peak_tflops_measured"] > 0 and 0 < record["mfu"] < 1
+    assert record["tokens_per_s"] > 0 and record["points_per_s"] > record["tokens_per_s"]
+    assert list(tmp_path.glob("*.json"))
+
+
+def test_bench_checkpoint_reports_ratios(capsys, tmp_path):
+    assert main(["bench", "checkpoint", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--state-mib", "8",
+                 "--steps", "4", "--save-every", "2", "--dir", str(tmp_path)]) == 0
+    bandwidth, overhead = _records(capsys)
+    assert bandwidth["save_ratio"] > 0 and bandwidth["load_ratio"] > 0
+    assert overhead["step_s_no_save"] > 0 and "overhead" in overhead
+    assert not any(tmp_path.iterdir())  # it cleans up after itself
