@@ -17,11 +17,10 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from timers1.config import Config, ModelConfig, MoEConfig, config_from_dict
+from timers1.config import Config, ModelConfig, MoEConfig, config_from_dict, read_yaml, save_config
 from timers1.errors import InputError
 
 HF_CONFIG = "config.json"
@@ -335,15 +334,12 @@ def write_hf_dir(path: str | Path, model_cfg: ModelConfig, moe_cfg: MoEConfig, s
 def write_model_dir(path: str | Path, cfg: Config, state: dict[str, torch.Tensor]) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / OUR_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_config(cfg, path / OUR_CONFIG)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / OUR_WEIGHTS), metadata={"format": "pt"})
 
 
 def read_config_file(path: Path) -> Config:
-    try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as exc:
-        raise CheckpointFormatError(f"{path}: not valid YAML ({exc})") from None
+    return config_from_dict(read_yaml(path, "run config", CheckpointFormatError) or {})
 
 
 def read_model_dir(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from timers1.data import synthetic
@@ -41,6 +40,7 @@ from timers1.data.corpus import CorpusError
 from timers1.data.ingest import (EVAL_DATASET_NAMES, RawSeries, excluded_name, hashes_of_files,
                                  read_long, read_wide, series_hash)
 from timers1.data.preprocess import PreprocessConfig, clean_series
+from timers1.config import read_yaml
 from timers1.errors import InputError
 
 SOURCE_TYPES = ("builtin", "synthetic", "long", "wide")
@@ -168,12 +168,7 @@ def parse_build_config(data: dict, where: str = "build config") -> BuildConfig:
 
 def load_build_config(path: str | Path) -> BuildConfig:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: build config does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "build config", InputError)
     cfg = parse_build_config(data, str(path))
     # Relative data paths are tried next to the config file first, so a config can travel
     # with its data; otherwise they are relative to the working directory.

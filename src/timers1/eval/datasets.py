@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from timers1.config import read_yaml
 from timers1.errors import InputError
 from timers1.eval.frequency import TERM_MULTIPLIER, Frequency, parse_frequency
 from timers1.eval.metrics import seasonal_error
@@ -180,12 +180,7 @@ def load_specs_yaml(path: str | Path) -> list[DatasetSpec]:
     ``term``; optional ``name``, ``windows``, ``seasonality``, ``aggregate`` ('sum'/'mean').
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset description {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"{path}: not valid YAML: {exc}") from None
+    doc = read_yaml(path, "dataset description", DatasetError)
     root = path.parent
     entries = doc
     if isinstance(doc, dict):
