@@ -32,7 +32,9 @@ setup(
         "tensorboard>=2.14",  # training metrics for TensorBoard
     ],
     extras_require={
-        "peers": ["fracast>=0.1"],  # Fracast-0, a pretrained peer for timers1 eval --baseline fracast
+        "peers": ["fracast>=0.1"],
+        # DeepSpeed's CPU Adam for host-offloaded optimizer states (train.optimizer=deepspeed_cpu_adam).
+        "offload": ["deepspeed>=0.15", "ninja"],  # Fracast-0, a pretrained peer for timers1 eval --baseline fracast
         "dev": [
             "pytest>=8",
             # The released Timer-S1 code, used only by tests as the numerical oracle.

@@ -20,6 +20,7 @@ BENCH_MODULES = [
     "timers1.bench.dispatch",
     "timers1.bench.train",
     "timers1.bench.checkpoint",
+    "timers1.bench.optimizer",
 ]
 
 
