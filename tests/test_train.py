@@ -303,3 +303,19 @@ def test_profile_writes_trace(corpus_dir, tmp_path):
     run(cfg, profile_dir=str(tmp_path / "trace"))
     traces = list((tmp_path / "trace").glob("*.json"))
     assert traces and traces[0].stat().st_size > 1000
+
+
+def test_activation_checkpointing_gives_identical_gradients(tiny_config):
+    from timers1.config import load_config
+    from timers1.model import build_model
+    from timers1.train.engine import LocalEngine
+
+    x = torch.randn(3, 64 + 48, generator=torch.Generator().manual_seed(0)).cumsum(-1)
+    grads = []
+    for ac in (False, True):
+        cfg = load_config(CONFIGS_DIR / "tiny.yaml", ["data.context_points=64", f"parallel.activation_checkpointing={ac}"])
+        model = build_model(cfg.model, cfg.moe, seed=0)
+        LocalEngine(model, cfg).forward_backward(x, torch.ones_like(x))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name

@@ -8,6 +8,8 @@ methods; ``make_engine`` picks one.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +42,22 @@ class LocalEngine:
         self.model = model
         self.cfg = cfg
         self.model_parts = [model]
+        if cfg.parallel.activation_checkpointing:
+            from timers1.parallel.parallelize import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        device_type = next(model.parameters()).device.type
+        # bf16 autocast on GPUs ('auto') or when asked; the router softmax stays fp32 inside.
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device_type == "cuda")
+        self._autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
 
     def forward_backward(self, values_BW: torch.Tensor, mask_BW: torch.Tensor, scale: float = 1.0) -> StepResult:
         cfg = self.cfg
         self.model.train()
-        parts, records = window_loss(self.model, values_BW, mask_BW, cfg.data.context_points, cfg.model.quantiles,
-                                     cfg.train.stp_weighting, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
+        with self._autocast:
+            parts, records = window_loss(self.model, values_BW, mask_BW, cfg.data.context_points,
+                                         cfg.model.quantiles, cfg.train.stp_weighting, cfg.moe.aux_loss_coef,
+                                         cfg.moe.z_loss_coef)
         (parts.total * scale).backward()
         return StepResult(parts.as_floats(), tokens_per_expert(records))
 
