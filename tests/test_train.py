@@ -319,3 +319,18 @@ def test_activation_checkpointing_gives_identical_gradients(tiny_config):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+def test_train_cli_exports_the_model_and_evaluates_it(corpus_dir, tmp_path):
+    """The README main job's tail: after the last step, a model directory and a held-out score."""
+    run_dir = tmp_path / "main"
+    cmd = [c for c in _train_cmd(corpus_dir, run_dir, ["train.steps=2"]) if c != "--no-eval"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "model" / "config.yaml").is_file()
+    report = json.loads((run_dir / "eval.json").read_text())
+    names = [c["config"] for c in report["configs"]]
+    assert "heldout_hourly/H" in names and len(names) >= 8
+    gm = report["geometric_mean"]
+    assert math.isfinite(gm["relative_MASE"]) and math.isfinite(gm["relative_CRPS"])
+    assert "geometric mean" in done.stderr  # the table is printed

@@ -44,10 +44,13 @@ def heldout_specs(out_dir: str | Path, seed: int, series_per_family: int = 24, l
             by_freq.setdefault(freq, []).append(pd.DataFrame(
                 {"item_id": f"{family}_{index}", "timestamp": stamps, "target": values.astype(np.float64)}))
         for freq, frames in sorted(by_freq.items()):
-            path = out_dir / f"{family}_{freq}.csv"
-            pd.concat(frames).to_csv(path, index=False)
             h = horizon or DEFAULT_HORIZON.get(freq, 30)
-            specs.append(DatasetSpec(f"heldout_{family}/{freq}", str(path), freq, horizon=h, windows=1))
+            spec = DatasetSpec(f"heldout_{family}/{freq}", str(out_dir / f"{family}_{freq}.csv"), freq,
+                               horizon=h, windows=1)
+            if spec.resolved_seasonality() >= length_points - h:
+                continue  # e.g. minutely data (m = 1440): seasonal naive, the reference, is undefined
+            pd.concat(frames).to_csv(spec.path, index=False)
+            specs.append(spec)
     return specs
 
 
