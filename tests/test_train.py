@@ -334,3 +334,25 @@ def test_train_cli_exports_the_model_and_evaluates_it(corpus_dir, tmp_path):
     gm = report["geometric_mean"]
     assert math.isfinite(gm["relative_MASE"]) and math.isfinite(gm["relative_CRPS"])
     assert "geometric mean" in done.stderr  # the table is printed
+
+
+def test_deepspeed_cpu_adam_matches_torch_adamw(tiny_config):
+    """The host-offload optimizer (optional extra) takes the same steps as torch AdamW."""
+    pytest.importorskip("deepspeed")
+    from timers1.model import build_model
+    from timers1.train.engine import LocalEngine
+    from timers1.train.optim import build_optimizer
+
+    x = torch.randn(2, tiny_config.data.context_points + 48, generator=torch.Generator().manual_seed(0)).cumsum(-1)
+    finals = []
+    for name in ("adamw", "deepspeed_cpu_adam"):
+        tiny_config.train.optimizer = name
+        model = build_model(tiny_config.model, tiny_config.moe, seed=0)
+        engine, optimizer = LocalEngine(model, tiny_config), build_optimizer([model], tiny_config.train)
+        for _ in range(3):
+            optimizer.zero_grad()
+            engine.forward_backward(x, torch.ones_like(x))
+            optimizer.step()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for key, value in finals[0].items():
+        assert torch.allclose(value, finals[1][key], atol=1e-5), key

@@ -2,8 +2,9 @@
 
 Both update the same fp32 parameters with the same gradients (host memory: the offload and CPU
 training path). Prints ms per step for each and the speedup, measured in the same run. Needs
-the optional extra (`pip install -e '.[offload]'`: deepspeed, plus g++ and ninja for its
-one-time JIT build of the op, about 45 s).
+the optional extra (`pip install --no-build-isolation -e '.[offload]'`: deepspeed's build
+must see the installed CPU torch, or it pulls a CUDA one; g++ and ninja JIT-build the op on
+first use, about 45 s).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def run(args) -> int:
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
     except ImportError as exc:
-        record["deepspeed_cpu_adam"] = f"unavailable: {exc}; pip install -e '.[offload]'"
+        record["deepspeed_cpu_adam"] = f"unavailable: {exc}; pip install --no-build-isolation -e '.[offload]'"
         print(json.dumps(record))
         return 0
     ds_params = make()
