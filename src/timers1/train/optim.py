@@ -33,7 +33,7 @@ def build_optimizer(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.O
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
         except ImportError as exc:  # optional extra
-            raise RuntimeError("train.optimizer='deepspeed_cpu_adam' needs `pip install deepspeed` (and g++, ninja)") from exc
+            raise RuntimeError("train.optimizer='deepspeed_cpu_adam' needs the 'offload' extra: pip install --no-build-isolation -e '.[offload]' (and g++)") from exc
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
     # foreach is the fast path on CPU and CUDA alike; fused is CUDA-only for DTensors in places.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
