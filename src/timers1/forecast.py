@@ -43,12 +43,19 @@ def impute_last_value(series: np.ndarray, index: int) -> np.ndarray:
         raise ForecastInputError(f"context[{index}] has no observed value (all NaN)")
     if np.isinf(values).any():
         raise ForecastInputError(f"context[{index}] contains infinite values")
-    if valid.all():
-        return values
-    positions = np.where(valid, np.arange(values.size), 0)
+    return fill_forward(values, ~valid) if not valid.all() else values
+
+
+def fill_forward(values: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Each missing entry takes the last kept value before it; leading ones the first kept value.
+
+    Needs at least one kept entry. Shared with the evaluation harness, which decides for itself
+    what counts as missing and what to do with a series that has nothing kept.
+    """
+    positions = np.where(~missing, np.arange(values.size), 0)
     np.maximum.accumulate(positions, out=positions)
     filled = values[positions]
-    first = np.argmax(valid)
+    first = int(np.argmax(~missing))
     filled[:first] = values[first]
     return filled
 
@@ -92,7 +99,9 @@ class Forecaster:
         for row, s in enumerate(series):
             values[row, width - len(s):] = torch.from_numpy(s.astype(np.float32))
             mask[row, width - len(s):] = 1.0
-        # Statistics over the real points, in fp32 like the released generate().
+        # Statistics over the real points, in fp32 like the released generate(). Not
+        # instance_normalize (training's masked-sum form): the released code takes mean() and
+        # std() of the unpadded row, and matching its reductions keeps parity margins widest.
         real = [values[row, width - len(s):] for row, s in enumerate(series)]
         mean = torch.stack([r.mean() for r in real]).view(-1, 1)
         scale = torch.stack([r.std(unbiased=False) for r in real]).view(-1, 1) + 1e-5

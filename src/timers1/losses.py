@@ -82,7 +82,7 @@ def stp_weights(num_stp: int, weighting: str) -> list[float]:
     raise ValueError(f"unknown STP weighting {weighting!r}")
 
 
-def _valid_tokens(record: RouterRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def valid_router_tokens(record: RouterRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probs_TE, experts_TK, logits_TE) of the tokens routing losses count (not pure padding)."""
     routing = record.routing
     if record.token_valid_T is None:
@@ -100,7 +100,7 @@ def load_balancing_loss(records: list[RouterRecord]) -> torch.Tensor:
     """
     losses = []
     for record in records:
-        probs_TE, experts_TK, _ = _valid_tokens(record)
+        probs_TE, experts_TK, _ = valid_router_tokens(record)
         num_experts = probs_TE.shape[-1]
         counts = torch.bincount(experts_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
         fraction_E = counts / counts.sum().clamp_min(1.0)
@@ -112,7 +112,7 @@ def router_z_loss(records: list[RouterRecord]) -> torch.Tensor:
     """Mean over tokens and blocks of logsumexp(router logits)^2 (ST-MoE); padding left out."""
     if not records:
         return torch.zeros(())
-    return torch.stack([torch.logsumexp(_valid_tokens(r)[2].float(), dim=-1).pow(2).mean() for r in records]).mean()
+    return torch.stack([torch.logsumexp(valid_router_tokens(r)[2].float(), dim=-1).pow(2).mean() for r in records]).mean()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from timers1.eval.metrics import QUANTILE_LEVELS
+from timers1.forecast import fill_forward
 
 
 @runtime_checkable
@@ -36,12 +37,7 @@ def impute_missing(values: np.ndarray) -> np.ndarray:
         return values
     if missing.all():
         return np.zeros_like(values)
-    index = np.where(~missing, np.arange(len(values)), 0)
-    np.maximum.accumulate(index, out=index)
-    filled = values[index]
-    first_valid = int(np.argmax(~missing))
-    filled[:first_valid] = values[first_valid]
-    return filled
+    return fill_forward(values, missing)
 
 
 def prepare_context(values: np.ndarray, max_context_points: int | None) -> np.ndarray:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from timers1.losses import masked_mean, stp_weights, target_patches, weighted_quantile_loss
+from timers1.losses import (masked_mean, stp_weights, target_patches, valid_router_tokens,
+                            weighted_quantile_loss)
 
 
 class AttachLoss(torch.autograd.Function):
@@ -101,11 +102,8 @@ class StepContext:
                 return None
             y, record = out
             routing = record.routing
-            probs_TE, experts_TK, logits_TE = routing.probs_TE, routing.experts_TK, record.logits_TE
-            if record.token_valid_T is not None:
-                # Fully padded tokens are not data (see timers1.losses.load_balancing_loss).
-                keep = record.token_valid_T
-                probs_TE, experts_TK, logits_TE = probs_TE[keep], experts_TK[keep], logits_TE[keep]
+            # Fully padded tokens are not data (see timers1.losses.load_balancing_loss).
+            probs_TE, experts_TK, logits_TE = valid_router_tokens(record)
             counts = torch.bincount(experts_TK.reshape(-1), minlength=probs_TE.shape[-1]).to(torch.float32)
             if self.batch_group_size > 1:
                 counts = counts.clone()

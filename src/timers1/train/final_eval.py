@@ -30,6 +30,7 @@ def heldout_specs(out_dir: str | Path, seed: int, series_per_family: int = 24, l
     """Write the held-out set as long-format CSVs and return their dataset specs."""
     from timers1.data.synthetic import generate
     from timers1.eval.datasets import DatasetSpec
+    from timers1.eval.frequency import parse_frequency
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,8 +40,7 @@ def heldout_specs(out_dir: str | Path, seed: int, series_per_family: int = 24, l
         for index in range(series_per_family):
             values, freq = generate(family, seed, index, length_points)
             freq = freq or default_freq or "D"
-            pandas_freq = {"H": "h", "T": "min", "M": "MS", "Q": "QS", "Y": "YS", "W": "W-SUN"}.get(freq, freq)
-            stamps = pd.date_range("2000-01-01", periods=len(values), freq=pandas_freq)
+            stamps = pd.date_range("2000-01-01", periods=len(values), freq=parse_frequency(freq).pandas_offset)
             by_freq.setdefault(freq, []).append(pd.DataFrame(
                 {"item_id": f"{family}_{index}", "timestamp": stamps, "target": values.astype(np.float64)}))
         for freq, frames in sorted(by_freq.items()):
