@@ -167,7 +167,9 @@ def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
     if not config_file.is_file():
         raise CheckpointFormatError(f"{step_dir}: no config.yaml in the run directory {step_dir.parent.parent}")
     cfg = read_config_file(config_file)
-    model = build_model(cfg.model, cfg.moe, device="cpu", seed=None)
+    # Allocated but not initialised: every value comes from the checkpoint (random init of an
+    # 8.3B model would cost minutes for nothing).
+    model = build_model(cfg.model, cfg.moe, device="meta").to_empty(device="cpu")
     state = {"model": model.state_dict()}
     # no_dist: one process reads every shard, also when called inside a multi-rank job.
     dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
