@@ -203,3 +203,35 @@ def test_a_window_does_not_depend_on_batch_size_or_rank(corpus_dir):
         assert torch.equal(rebuilt, single[b]["values"])
     flips = sum(bool((batch["values"] < 0).any()) for batch in single)
     assert flips > 0  # the augmentation is active in this comparison
+
+
+def test_truncated_windows_keep_a_suffix_of_the_same_window(corpus_dir):
+    corpus = read_corpus(corpus_dir)
+    plain = WindowSampler(corpus, W, seed=5).sample(0, 400)
+    cut = WindowSampler(corpus, W, seed=5, truncate_probability=0.5, truncate_min_points=16).sample(0, 400)
+    observed_plain, observed_cut = plain.mask.sum(1), cut.mask.sum(1)
+    shortened = observed_cut < observed_plain
+    # About half of the windows long enough to cut are cut, never below the minimum.
+    assert 0.3 < shortened.mean() / (observed_plain > 16).mean() < 0.7
+    assert observed_cut.min() >= min(16, observed_plain.min())
+    # A truncated window is the plain window with its head masked and zeroed: same series,
+    # same end, the other draws (start, flip, resampling) untouched.
+    np.testing.assert_array_equal(cut.series, plain.series)
+    np.testing.assert_array_equal(cut.values, plain.values * cut.mask)
+    assert np.all(cut.mask <= plain.mask)
+    for row in cut.mask[shortened]:
+        first = int(np.argmax(row))
+        assert np.all(row[:first] == 0) and np.all(row[first:] == 1)
+
+
+def test_truncation_is_part_of_the_resume_layout(corpus_dir):
+    old = CorpusLoader(corpus_dir, W, 4, seed=0, truncate_probability=0.3, truncate_min_points=8)
+    _take(old, 2)
+    resumed = CorpusLoader(corpus_dir, W, 4, seed=0, truncate_probability=0.3, truncate_min_points=8)
+    resumed.load_state_dict(old.state_dict())
+    _same(_take(resumed, 2), _take(old, 2))
+    other = CorpusLoader(corpus_dir, W, 4, seed=0, truncate_probability=0.5, truncate_min_points=8)
+    with pytest.raises(InputError, match="truncate_probability"):
+        other.load_state_dict(old.state_dict())
+    with pytest.raises(InputError, match="truncate_min_points"):
+        WindowSampler(read_corpus(corpus_dir), W, truncate_min_points=W + 1)

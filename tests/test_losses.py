@@ -63,6 +63,24 @@ def test_target_patches_layout_and_window_end_masking():
     assert tmask[0, 1].tolist() == [[1, 1], [1, 1], [1, 1]]
 
 
+def test_min_prefix_fraction_skips_positions_with_short_prefixes():
+    # Row 0: 6 observed context patches; row 1: 2 fully padded patches, then 4 observed.
+    values = torch.arange(16.0).view(1, 16).repeat(2, 1)  # 8 patches of 2 points
+    mask = torch.ones(2, 16)
+    mask[1, :4] = 0
+    _, everything = target_patches(values, mask, patch_points=2, context_patches=6, num_horizons=1)
+    _, half = target_patches(values, mask, patch_points=2, context_patches=6, num_horizons=1,
+                             min_prefix_fraction=0.5)
+    scored = lambda m: m[:, 0].amax(dim=-1).tolist()  # noqa: E731
+    assert scored(everything) == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    # Positions whose observed prefix covers >= half the observed context: 3 of 6 in row 0,
+    # 2 of 4 counted from the first observed patch in row 1.
+    assert scored(half) == [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]
+    _, last_only = target_patches(values, mask, patch_points=2, context_patches=6, num_horizons=1,
+                                  min_prefix_fraction=1.0)
+    assert scored(last_only) == [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]]
+
+
 def _loop_loss(pred_norm, values, mask, mean, scale, quantiles, weights):
     """The objective spelled out with Python loops, independent of the vectorised code."""
     batch, num_h, num_pos, num_q, p = pred_norm.shape

@@ -95,6 +95,8 @@ class DataConfig:
     """Probability of Fourier-basis resampling a window to another rate."""
     resample_factors: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.5, 2.0])
     """Source points per window point when resampling (< 1 up-samples, > 1 down-samples); one is drawn per window."""
+    truncate_probability: float = 0.0
+    """Probability of keeping only a random-length (log-uniform) suffix of a window (at least one context patch), the rest padded: trains short contexts with their own normalisation, as short series meet the model at inference."""
 
 
 @dataclass
@@ -149,6 +151,8 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables clipping."""
     stp_weighting: str = "uniform"
     """'uniform' (pre-training: 1/H sum_j) or 'inv_sqrt' (continued pre-training: 1/sqrt(j))."""
+    min_prefix_fraction: float = 0.0
+    """Score only positions whose observed prefix holds at least this fraction of the window's observed context (0 scores all): early positions see statistics of the whole window, a leak that teaches mean reversion (see timers1.losses)."""
     optimizer: str = "adamw"
     """'adamw' (torch) or 'deepspeed_cpu_adam' (host-offloaded states)."""
     precision: str = "auto"
@@ -395,7 +399,7 @@ def validate(cfg: Config) -> Config:
              "data.context_points", d.context_points,
              f"must be a positive multiple of model.patch_points={m.patch_points}")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    for name in ("flip_probability", "resample_probability"):
+    for name in ("flip_probability", "resample_probability", "truncate_probability"):
         v = getattr(d, name)
         _require(0.0 <= v <= 1.0, f"data.{name}", v, "must be in [0, 1]")
     for k, v in d.mixture_weights.items():
@@ -417,6 +421,8 @@ def validate(cfg: Config) -> Config:
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     _require(t.schedule in ("cosine", "wsd"), "train.schedule", t.schedule, "must be 'cosine' or 'wsd'")
     _require(0.0 <= t.wsd_decay_fraction <= 1.0, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in [0, 1]")
+    _require(0.0 <= t.min_prefix_fraction <= 1.0, "train.min_prefix_fraction", t.min_prefix_fraction,
+             "must be in [0, 1]")
     _require(t.stp_weighting in ("uniform", "inv_sqrt"), "train.stp_weighting", t.stp_weighting,
              "must be 'uniform' or 'inv_sqrt'")
     _require(t.optimizer in ("adamw", "deepspeed_cpu_adam"), "train.optimizer", t.optimizer,

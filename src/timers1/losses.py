@@ -8,6 +8,15 @@ Layout of a training window (values and mask, ``[B, W]`` points):
   from; see ``timers1.model.timer_s1.padding_masks``). A window of (N + H + 1)
   patches supervises every position at every horizon.
 
+Prefix fraction (``min_prefix_fraction``, 0 = off): the window is normalised with the statistics
+of its whole observed context, so an early position's input already encodes where the series
+goes later (its mean and spread): the model learns "revert towards the window mean" there. At
+inference a short series is normalised over exactly the points the model sees, and that lesson
+turns into a forecast pulled back to the context mean (trending yearly and monthly series
+suffered most). Scoring only positions whose observed prefix covers at least this fraction of
+the window's observed context keeps the leak small; windows truncated by the loader
+(``data.truncate_probability``) then teach short contexts with their own statistics.
+
 Per-patch loss (paper 3.3), on de-normalized values:
   ``wQL_q = 2 * sum_t pinball_q(x_t, xhat_t) / denom``, averaged over the Q quantiles, where
   ``denom = max(sum_t |x_t|, n_t * floor * s)`` over the observed target points t, with s the
@@ -33,11 +42,12 @@ WQL_DENOMINATOR_FLOOR = 0.1
 
 
 def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points: int, context_patches: int,
-                   num_horizons: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_horizons: int, min_prefix_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets and their mask ``[B, J, N, P]`` for J horizons (j = 0 main stack, then STP).
 
-    The mask is 0 for padding, for targets past the window and for every target of a position
-    whose input patch is pure padding.
+    The mask is 0 for padding, for targets past the window, for every target of a position
+    whose input patch is pure padding, and for positions whose observed prefix holds fewer than
+    ``min_prefix_fraction`` of the window's observed context patches (module docstring).
     """
     batch, width = values_BW.shape
     if width % patch_points:
@@ -53,7 +63,11 @@ def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points:
     gather = (idx[None, :] + 1 + torch.arange(num_horizons, device=values_BW.device)[:, None])  # [J, N]
     # A position whose own input patch is pure padding has nothing to predict from: skip it.
     input_observed_BN = masks[:, :context_patches].amax(dim=-1) > 0
-    return patches[:, gather], masks[:, gather] * input_observed_BN[:, None, :, None].to(masks.dtype)
+    scored_BN = input_observed_BN
+    if min_prefix_fraction > 0:
+        prefix_BN = input_observed_BN.to(torch.int64).cumsum(dim=-1)
+        scored_BN = scored_BN & (prefix_BN >= min_prefix_fraction * prefix_BN[:, -1:])
+    return patches[:, gather], masks[:, gather] * scored_BN[:, None, :, None].to(masks.dtype)
 
 
 def weighted_quantile_loss(pred_BJNQP: torch.Tensor, target_BJNP: torch.Tensor, mask_BJNP: torch.Tensor,
@@ -152,6 +166,7 @@ def timer_s1_loss(
     stp_weighting: str = "uniform",
     aux_loss_coef: float = 0.0,
     z_loss_coef: float = 0.0,
+    min_prefix_fraction: float = 0.0,
 ) -> LossParts:
     """``L = L_NTP + (1/H) sum_j w_j L_STP,j + alpha * L_aux (+ z-loss)``.
 
@@ -159,7 +174,8 @@ def timer_s1_loss(
     context's mean and scale before the loss, as the paper computes wQL on raw values.
     """
     batch, num_horizons, context_patches, _, patch_points = pred_BJNQP.shape
-    target, target_mask = target_patches(values_BW, mask_BW, patch_points, context_patches, num_horizons)
+    target, target_mask = target_patches(values_BW, mask_BW, patch_points, context_patches, num_horizons,
+                                         min_prefix_fraction)
     pred = pred_BJNQP * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
     q = torch.tensor(quantiles, device=pred.device)
     wql_BJN, valid_BJN = weighted_quantile_loss(pred, target.to(pred.dtype), target_mask.to(pred.dtype), q,
@@ -181,7 +197,8 @@ def timer_s1_loss(
 
 
 def window_loss(model, values_BW: torch.Tensor, mask_BW: torch.Tensor, context_points: int, quantiles: list[float],
-                stp_weighting: str = "uniform", aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0):
+                stp_weighting: str = "uniform", aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
+                min_prefix_fraction: float = 0.0):
     """Normalize the context, run the model, score every horizon: the whole single-device step.
 
     Returns (LossParts, router records). The window holds the context followed by the future
@@ -193,5 +210,5 @@ def window_loss(model, values_BW: torch.Tensor, mask_BW: torch.Tensor, context_p
     normed, mean, scale = instance_normalize(context, context_mask)
     out = model(normed, context_mask)
     parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, values_BW, mask_BW, mean, scale, quantiles,
-                          stp_weighting, aux_loss_coef, z_loss_coef)
+                          stp_weighting, aux_loss_coef, z_loss_coef, min_prefix_fraction)
     return parts, out.router_records

@@ -12,8 +12,8 @@ def _build(args) -> int:
         if not args.out:
             from timers1.errors import InputError
             raise InputError("data build --default: --out DIR is required")
-        summary = build_default_corpus(args.out, num_synthetic_series=args.num_synthetic_series,
-                                       seed=args.seed, overwrite=args.overwrite, progress=None)
+        sizes = {"num_synthetic_series": args.num_synthetic_series} if args.num_synthetic_series else {}
+        summary = build_default_corpus(args.out, seed=args.seed, overwrite=args.overwrite, progress=None, **sizes)
     else:
         if not args.config:
             from timers1.errors import InputError
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     build.add_argument("--config", help="build config YAML (see configs/data_default.yaml)")
     build.add_argument("--out", help="output directory (overrides the config's output_dir)")
     build.add_argument("--default", action="store_true", help="build the no-download default corpus")
-    build.add_argument("--num-synthetic-series", type=int, default=2400, help="with --default")
+    build.add_argument("--num-synthetic-series", type=int, default=None, help="with --default (default: the size the trainer builds)")
     build.add_argument("--seed", type=int, default=0, help="with --default")
     build.add_argument("--overwrite", action="store_true", help="replace a corpus already in the output directory")
     build.set_defaults(func=_build)

@@ -121,12 +121,14 @@ class WindowSampler:
     def __init__(self, corpus: Corpus, window_points: int, seed: int = 0,
                  mixture_weights: dict[str, float] | None = None, flip_probability: float = 0.0,
                  resample_probability: float = 0.0,
-                 resample_factors: tuple[float, ...] | list[float] = DEFAULT_RESAMPLE_FACTORS):
+                 resample_factors: tuple[float, ...] | list[float] = DEFAULT_RESAMPLE_FACTORS,
+                 truncate_probability: float = 0.0, truncate_min_points: int = 1):
         if window_points < 1:
             raise InputError(f"window_points={window_points!r}: must be >= 1")
         if corpus.num_series == 0:
             raise InputError(f"{corpus.directory}: corpus has no series")
-        for name, p in (("flip_probability", flip_probability), ("resample_probability", resample_probability)):
+        for name, p in (("flip_probability", flip_probability), ("resample_probability", resample_probability),
+                        ("truncate_probability", truncate_probability)):
             if not 0.0 <= p <= 1.0:
                 raise InputError(f"{name}={p!r}: must be in [0, 1]")
         if not resample_factors or any(f <= 0 for f in resample_factors):
@@ -137,6 +139,10 @@ class WindowSampler:
         self.flip_probability = float(flip_probability)
         self.resample_probability = float(resample_probability)
         self.resample_factors = np.asarray(resample_factors, dtype=np.float64)
+        if not 1 <= truncate_min_points <= window_points:
+            raise InputError(f"truncate_min_points={truncate_min_points!r}: must be in [1, {window_points}]")
+        self.truncate_probability = float(truncate_probability)
+        self.truncate_min_points = int(truncate_min_points)
         # Source points a window needs at each factor (>= 2 so a spectrum exists).
         self._source_points = np.maximum(2, np.round(self.resample_factors * self.window_points)).astype(np.int64)
         self.lengths = corpus.lengths.astype(np.int64)
@@ -180,9 +186,9 @@ class WindowSampler:
             permuted[sel] = feistel_permute(position[sel], self.slots_per_epoch, _key(self.seed, 2, int(e)))
         return np.searchsorted(self.cumulative_windows, permuted, side="right") - 1
 
-    def _slot_uniforms(self, slots: np.ndarray, streams: int) -> np.ndarray:
-        """[streams, len(slots)] independent uniforms in [0, 1), a pure function of (seed, slot)."""
-        key = np.uint64(_key(self.seed, 1))
+    def _slot_uniforms(self, slots: np.ndarray, streams: int, salt: int = 1) -> np.ndarray:
+        """[streams, len(slots)] independent uniforms in [0, 1), a pure function of (seed, salt, slot)."""
+        key = np.uint64(_key(self.seed, salt))
         lanes = slots.astype(np.uint64)[None, :] * np.uint64(streams) + np.arange(streams, dtype=np.uint64)[:, None]
         with np.errstate(over="ignore"):
             bits = _mix64(_mix64(lanes ^ key))
@@ -227,6 +233,18 @@ class WindowSampler:
                 segments = np.stack([flat[b: b + m] for b in begin[rows].tolist()])
                 values[rows] = fourier_resample(segments, W)
             pad = np.where(resampled, 0, pad)
+        if self.truncate_probability > 0:
+            # Keep a random-length suffix: the model then trains on short contexts normalised
+            # by their own statistics, as it meets short series at inference. Lengths are
+            # log-uniform: a few patches of context is where full windows teach least. Its own
+            # salt keeps the other draws identical to an untruncated stream.
+            u_truncate, u_keep = self._slot_uniforms(slots, 2, salt=3)
+            lo = self.truncate_min_points
+            keep = np.clip(np.round(lo * (W / lo) ** u_keep).astype(np.int64), lo, W)
+            cut = (u_truncate < self.truncate_probability) & (keep < W - pad)
+            if cut.any():
+                pad = np.where(cut, W - keep, pad)
+                values[np.arange(W)[None, :] < pad[:, None]] = 0.0
         mask = (np.arange(W)[None, :] >= pad[:, None]).astype(np.float32)
         flipped = u_flip < self.flip_probability
         if flipped.any():
@@ -269,6 +287,7 @@ class CorpusLoader:
                  mixture_weights: dict[str, float] | None = None, flip_probability: float = 0.0,
                  resample_probability: float = 0.0,
                  resample_factors: tuple[float, ...] | list[float] = DEFAULT_RESAMPLE_FACTORS,
+                 truncate_probability: float = 0.0, truncate_min_points: int = 1,
                  pin_memory: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise InputError(f"rank={rank!r}, world_size={world_size!r}: need 0 <= rank < world_size")
@@ -279,7 +298,8 @@ class CorpusLoader:
         if not isinstance(corpus, Corpus):
             corpus = read_corpus(corpus)
         self.sampler = WindowSampler(corpus, window_points, seed, mixture_weights, flip_probability,
-                                     resample_probability, resample_factors)
+                                     resample_probability, resample_factors, truncate_probability,
+                                     truncate_min_points)
         self.batch_size = int(batch_size)
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -321,7 +341,8 @@ class CorpusLoader:
         return {"seed": s.seed, "window_points": s.window_points, "corpus": s.corpus.fingerprint,
                 "slots_per_epoch": s.slots_per_epoch, "flip_probability": s.flip_probability,
                 "resample_probability": s.resample_probability,
-                "resample_factors": [float(f) for f in s.resample_factors]}
+                "resample_factors": [float(f) for f in s.resample_factors],
+                "truncate_probability": s.truncate_probability, "truncate_min_points": s.truncate_min_points}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "batches_consumed": self._batches, "slot_base": self._slot_base,
@@ -346,11 +367,14 @@ class CorpusLoader:
 
 
 def make_loader(data_cfg, corpus_dir: str | Path | Corpus, window_points: int, batch_size: int,
-                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> CorpusLoader:
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                truncate_min_points: int = 1) -> CorpusLoader:
     """The trainer's entry point: a CorpusLoader configured from a DataConfig.
 
-    Reads seed, num_workers, mixture_weights, flip_probability, resample_probability and
-    resample_factors (when the config has it) from ``data_cfg``; ``batch_size`` is per rank.
+    Reads seed, num_workers, mixture_weights, flip_probability, resample_probability,
+    resample_factors and truncate_probability (when the config has them) from ``data_cfg``;
+    ``batch_size`` is per rank; ``truncate_min_points`` is the shortest suffix a truncated
+    window keeps (the trainer passes one context patch plus the future points).
     """
     factors = getattr(data_cfg, "resample_factors", None) or DEFAULT_RESAMPLE_FACTORS
     return CorpusLoader(corpus_dir, window_points, batch_size, rank=rank, world_size=world_size,
@@ -358,4 +382,6 @@ def make_loader(data_cfg, corpus_dir: str | Path | Corpus, window_points: int, b
                         mixture_weights=dict(data_cfg.mixture_weights),
                         flip_probability=data_cfg.flip_probability,
                         resample_probability=data_cfg.resample_probability,
-                        resample_factors=tuple(factors), pin_memory=pin_memory)
+                        resample_factors=tuple(factors),
+                        truncate_probability=getattr(data_cfg, "truncate_probability", 0.0),
+                        truncate_min_points=truncate_min_points, pin_memory=pin_memory)

@@ -11,6 +11,17 @@ Families (the source name of a generated series is ``synthetic.<family>``):
 - ``hourly``: daily (24) and weekly (168) cycles with harmonics, weekday/weekend profiles,
   trend, AR(1) noise; some non-negative like load or traffic, some multiplicative.
 - ``seasonal``: calendar seasonality for other frequencies (7, 12, 4, 52, 48/336, 96/672, 365).
+- ``profile``: a random shape over one calendar period (smoothed noise, a few peaks, or one
+  value per season like a monthly pattern) repeated with slowly drifting amplitude and shape,
+  day-of-week factors on sub-daily data, level shifts, trend and noise, optionally positive or
+  integer counts. Sinusoids alone never look like a load curve or a sales calendar; this is
+  what teaches the model to carry an arbitrary seasonal shape forward, as seasonal naive does.
+- ``growth``: short low-frequency series (yearly, quarterly, monthly, weekly) as economies and
+  businesses make them: a level growing or shrinking at a drifting rate (multiplicative random
+  walk with drift, damping or a turning point), calendar seasonality where the frequency has
+  one, and noise. A short window cut from a long high-frequency series is most often a piece
+  of a cycle that turns back; a short real series is most often a trend that goes on. Without
+  this family the model's prior for short contexts is mean reversion.
 - ``trend``: linear, exponential, damped, logistic and piecewise-linear trends with noise.
 - ``intermittent``: sparse demand (Bernoulli occurrence x Poisson or gamma sizes), some
   seasonal; integer-valued like retail sales.
@@ -28,8 +39,8 @@ import zlib
 import numpy as np
 from scipy.signal import lfilter
 
-FAMILIES = ("kernelsynth", "canonical", "hourly", "seasonal", "trend", "intermittent",
-            "random_walk", "arma")
+FAMILIES = ("kernelsynth", "canonical", "hourly", "seasonal", "profile", "growth", "trend",
+            "intermittent", "random_walk", "arma")
 # The Cholesky factor is O(grid^3): 512 points cost ~20 ms here, 1,024 ~160 ms. Longer series
 # are linearly interpolated from the grid.
 KERNELSYNTH_MAX_GRID = 512
@@ -189,6 +200,99 @@ def seasonal(rng: np.random.Generator, n: int) -> tuple[np.ndarray, str]:
     return x, FREQ_OF_PERIOD.get(primary, "")
 
 
+# (period, steps per day or None, freq): the calendars a profile series is drawn on.
+PROFILE_CALENDARS = ((24, 24, "H"), (24, 24, "H"), (48, 48, "30min"), (96, 96, "15min"),
+                     (7, 1, "D"), (12, None, "M"), (12, None, "M"), (4, None, "Q"), (52, None, "W"),
+                     (13, None, "W"))
+
+
+def _profile_shape(rng: np.random.Generator, period: int) -> np.ndarray:
+    """One period of a seasonal shape, zero mean and unit std."""
+    kind = rng.choice(["smooth", "peaks", "steps"])
+    grid = np.arange(period)
+    if kind == "smooth":  # circularly smoothed noise: broad irregular shapes
+        width = rng.uniform(0.03, 0.25) * period
+        kernel = np.exp(-0.5 * (np.minimum(grid, period - grid) / max(width, 0.5)) ** 2)
+        shape = np.real(np.fft.ifft(np.fft.fft(rng.standard_normal(period)) * np.fft.fft(kernel)))
+    elif kind == "peaks":  # a few bumps, like morning and evening load peaks
+        shape = np.zeros(period)
+        for _ in range(rng.integers(1, 4)):
+            center, width = rng.uniform(0, period), rng.uniform(0.03, 0.2) * period
+            dist = np.minimum(np.abs(grid - center), period - np.abs(grid - center))
+            shape += rng.uniform(0.3, 1.0) * np.exp(-0.5 * (dist / max(width, 0.5)) ** 2)
+        if rng.random() < 0.3:
+            shape = -shape  # troughs instead of peaks
+    else:  # one free value per season (a monthly or quarterly calendar)
+        shape = rng.standard_normal(period)
+    shape = shape - shape.mean()
+    return shape / (shape.std() + 1e-9)
+
+
+def profile(rng: np.random.Generator, n: int) -> tuple[np.ndarray, str]:
+    period, per_day, freq = PROFILE_CALENDARS[rng.integers(0, len(PROFILE_CALENDARS))]
+    t = np.arange(n)
+    phase = (t + rng.integers(0, period)) % period
+    # The shape drifts from one template to another over the series.
+    drift = np.clip(t / max(n - 1, 1) * rng.uniform(0, 1.0), 0, 1)
+    start_shape, end_shape = _profile_shape(rng, period), _profile_shape(rng, period)
+    season = (1 - drift) * start_shape[phase] + drift * end_shape[phase]
+    if per_day is not None and per_day > 1 and rng.random() < 0.7:
+        # Day-of-week factors: weekends (or any days) run at another level and amplitude.
+        day = ((t + rng.integers(0, 7 * per_day)) // per_day) % 7
+        day_scale = np.exp(rng.normal(0, 0.25, size=7))
+        if rng.random() < 0.6:
+            day_scale[5:] *= rng.uniform(0.3, 0.9)
+        season = season * day_scale[day] + rng.normal(0, 0.3) * (day_scale[day] - day_scale.mean())
+    amplitude = np.exp(np.cumsum(rng.normal(0, rng.uniform(0, 0.02), size=n)))
+    level = _trend(rng, n) * rng.uniform(0, 2.5)
+    if rng.random() < 0.25:  # level shifts
+        for pos in rng.integers(1, n, size=rng.integers(1, 3)):
+            level[pos:] += rng.normal(0, 1.0)
+    # Noise relative to the seasonal amplitude, log-uniform: most real profiles are clear.
+    noise = _ar1_noise(rng, n, float(np.exp(rng.uniform(np.log(0.03), np.log(0.8)))))
+    style = rng.random()
+    if style < 0.45:
+        x = amplitude * season + level + noise
+    else:  # positive and multiplicative, like demand, traffic or load
+        base = np.exp(0.4 * level)
+        x = base * np.maximum(1.0 + rng.uniform(0.15, 0.7) * amplitude * (season + noise), 0.02)
+        if style > 0.8:  # integer counts at a modest level, like admissions or sales
+            x = rng.poisson(x * rng.uniform(2, 200)).astype(np.float64)
+    return x, freq
+
+
+# (period, freq, longest plausible series): nobody has 300 years of yearly data.
+GROWTH_CALENDARS = ((1, "A", 100), (1, "A", 100), (4, "Q", 300), (12, "M", 1024), (12, "M", 1024),
+                    (52, "W", 1024), (1, "W", 1024))
+
+
+def growth(rng: np.random.Generator, n: int) -> tuple[np.ndarray, str]:
+    fitting = [c for c in GROWTH_CALENDARS if n <= c[2]] or list(GROWTH_CALENDARS[3:])
+    period, freq, _ = fitting[rng.integers(0, len(fitting))]
+    steps_per_year = {"A": 1, "Q": 4, "M": 12, "W": 52}[freq]
+    # Growth per step: a few percent a year, drifting; sometimes damped or reversed once.
+    yearly_rate = rng.normal(0.04, 0.08)
+    rate = yearly_rate / steps_per_year + np.cumsum(rng.normal(0, 0.01 / steps_per_year, size=n))
+    if rng.random() < 0.3:
+        rate = rate * np.exp(-np.arange(n) / (n * rng.uniform(0.2, 1.0)))  # damped growth
+    if rng.random() < 0.2:
+        turn = rng.integers(n // 4, max(n // 4 + 1, 3 * n // 4))
+        rate[turn:] = rate[turn:] - rng.normal(0, 0.1) / steps_per_year
+    shocks = rng.normal(0, rng.uniform(0.005, 0.06) / np.sqrt(steps_per_year), size=n)
+    log_level = np.cumsum(rate + shocks)
+    span = np.ptp(log_level)
+    if span > 3.0:  # at most a 20-fold change over the series
+        log_level = log_level * (3.0 / span)
+    x = np.exp(log_level)
+    if period > 1 and rng.random() < 0.7:
+        shape = _profile_shape(rng, period)
+        x = x * (1 + rng.uniform(0.02, 0.3 if period < 52 else 0.12) * shape[(np.arange(n) + rng.integers(0, period)) % period])
+    x = x * (1 + rng.uniform(0, 0.05) * rng.standard_normal(n))
+    if rng.random() < 0.2:  # additive form: a level far from zero with a linear trend
+        x = np.log(x) * rng.uniform(5, 50) + rng.uniform(50, 500)
+    return x, freq
+
+
 def trend(rng: np.random.Generator, n: int) -> np.ndarray:
     t = np.arange(n) / n
     kind = rng.choice(["linear", "exponential", "damped", "logistic", "piecewise"])
@@ -267,6 +371,10 @@ def generate(family: str, seed: int, index: int, n_points: int) -> tuple[np.ndar
         x, freq = hourly(rng, n_points), "H"
     elif family == "seasonal":
         x, freq = seasonal(rng, n_points)
+    elif family == "profile":
+        x, freq = profile(rng, n_points)
+    elif family == "growth":
+        x, freq = growth(rng, n_points)
     elif family == "trend":
         x = trend(rng, n_points)
     elif family == "intermittent":
@@ -279,7 +387,8 @@ def generate(family: str, seed: int, index: int, n_points: int) -> tuple[np.ndar
         raise ValueError(f"unknown synthetic family {family!r}; known: {', '.join(FAMILIES)}")
     # Random scale and offset so the model's normalisation, not the data, fixes the range.
     x = np.asarray(x, dtype=np.float64)
-    scale = 10 ** rng.uniform(-1, 3) if family not in ("intermittent",) else 1.0
+    counts = family == "intermittent" or (family == "profile" and np.all(x == np.round(x)))
+    scale = 1.0 if counts else 10 ** rng.uniform(-1, 3)
     x = x * scale
     if not np.isfinite(x).all():
         x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)

@@ -57,6 +57,7 @@ class StepContext:
     patch_points: int
     context_points: int = 0
     stp_weighting: str = "uniform"
+    min_prefix_fraction: float = 0.0
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     dp: int = 1
@@ -83,7 +84,7 @@ class StepContext:
         """wQL of horizon j (0 = NTP) for the batch rows ``rows_B``, weighted as in ``timer_s1_loss``."""
         values_BW, mask_BW, mean_B1, scale_B1 = (t.index_select(0, rows_B) for t in self.targets)
         n = pred_BNQP.shape[1]
-        target, tmask = target_patches(values_BW, mask_BW, self.patch_points, n, j + 1)
+        target, tmask = target_patches(values_BW, mask_BW, self.patch_points, n, j + 1, self.min_prefix_fraction)
         pred = pred_BNQP.unsqueeze(1) * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
         q = torch.tensor(self.quantiles, device=pred.device)
         wql, valid = weighted_quantile_loss(pred, target[:, j:j + 1].to(pred.dtype), tmask[:, j:j + 1].to(pred.dtype),

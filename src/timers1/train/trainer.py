@@ -133,7 +133,8 @@ class Trainer:
 
         corpus = self.cfg.data.corpus_dir or str(ensure_default_corpus(seed=self.cfg.data.seed))
         return make_loader(self.cfg.data, corpus, self.window_points, self.micro_batch,
-                           self.engine.dp_rank, self.engine.dp_size)
+                           self.engine.dp_rank, self.engine.dp_size,
+                           truncate_min_points=self.window_points - self.context_points + self.patch)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         if not hasattr(self, "_batches"):
