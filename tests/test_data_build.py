@@ -65,6 +65,34 @@ def test_every_family_is_deterministic_finite_and_seed_dependent():
     assert max(spectrum[daily_bins]) > 5 * np.median(spectrum)
 
 
+def test_profile_series_repeat_their_calendar_shape():
+    """Seasonal naive at the series' own calendar period beats the series mean by far for most
+    profile series: the shape repeats, whatever it is."""
+    period_of = {"H": 24, "30min": 48, "15min": 96, "D": 7, "M": 12, "Q": 4, "W": 52}
+    ratios = []
+    for index in range(100):
+        x, freq = synthetic.generate("profile", 0, index, 2000)
+        p = period_of[freq]
+        ratios.append(np.mean(np.abs(x[p:] - x[:-p])) / np.mean(np.abs(x - x.mean())))
+    assert np.median(ratios) < 0.5 and np.mean(np.array(ratios) < 1.0) > 0.9
+
+
+def test_short_growth_series_keep_their_direction():
+    """The growth family's short series trend on: the slope of the second half mostly has the
+    sign of the first (a stationary process would make that a coin flip)."""
+    freqs, same_direction = set(), []
+    for index in range(200):
+        x, freq = synthetic.generate("growth", 0, index, 40)
+        freqs.add(freq)
+        half = len(x) // 2
+        slopes = [np.polyfit(np.arange(half), part, 1)[0] for part in (x[:half], x[half:2 * half])]
+        same_direction.append(np.sign(slopes[0]) == np.sign(slopes[1]))
+    assert freqs == {"A", "Q", "M", "W"}
+    assert np.mean(same_direction) > 0.62
+    long_x, long_freq = synthetic.generate("growth", 0, 1, 900)
+    assert long_freq in ("M", "W") and np.ptp(np.log(np.abs(long_x) + 1e-9)) < 6  # no yearly 900-point series, no blow-up
+
+
 def test_synthetic_build_is_deterministic_and_counts_families(tmp_path):
     source = {"type": "synthetic", "num_series": 40, "min_length_points": 64, "max_length_points": 300,
               "families": {"kernelsynth": 1, "canonical": 1, "intermittent": 1, "random_walk": 1}}

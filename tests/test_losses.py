@@ -161,3 +161,20 @@ def test_aux_loss_enters_total_with_coefficient():
     # ntp: pred 0 vs targets 1: pinball 0.5 each, wQL = 2 * 1 / 2 = 1.
     assert parts.ntp.item() == pytest.approx(1.0)
     assert parts.total.item() == pytest.approx(1.0 + 0.1 * 1.7)
+
+
+def test_series_scale_denominator_is_the_pinball_loss_in_normalised_units():
+    # One patch of 2 points around a level of 1000 with series scale 10; the median and the
+    # 0.1/0.9 quantiles miss by 5 (half a scale unit).
+    target = torch.tensor([1000.0, 1000.0]).view(1, 1, 1, 2)
+    mask = torch.ones(1, 1, 1, 2)
+    quantiles = torch.tensor([0.1, 0.5, 0.9])
+    pred = (target - 5.0).unsqueeze(3).expand(1, 1, 1, 3, 2)
+    scale = torch.tensor([10.0])
+    # Under-forecast by 5: pinball_q = q * 5 per point; 2 * sum over 2 points = 20 q; mean over q = 10.
+    abs_target, _ = weighted_quantile_loss(pred, target, mask, quantiles, scale)
+    series_scale, _ = weighted_quantile_loss(pred, target, mask, quantiles, scale, denominator="series_scale")
+    assert abs_target.item() == pytest.approx(10.0 / 2000.0)  # sum |x| = 2000
+    assert series_scale.item() == pytest.approx(10.0 / (2 * 10.0))  # n * scale = 20
+    with pytest.raises(ValueError, match="denominator"):
+        weighted_quantile_loss(pred, target, mask, quantiles, scale, denominator="nope")

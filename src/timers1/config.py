@@ -153,6 +153,8 @@ class TrainConfig:
     """'uniform' (pre-training: 1/H sum_j) or 'inv_sqrt' (continued pre-training: 1/sqrt(j))."""
     min_prefix_fraction: float = 0.0
     """Score only positions whose observed prefix holds at least this fraction of the window's observed context (0 scores all): early positions see statistics of the whole window, a leak that teaches mean reversion (see timers1.losses)."""
+    wql_denominator: str = "abs_target"
+    """wQL denominator per patch: 'abs_target' (the paper: sum of |target|, floored) or 'series_scale' (points x the window's std: equal weight for series far from zero; see timers1.losses)."""
     optimizer: str = "adamw"
     """'adamw' (torch) or 'deepspeed_cpu_adam' (host-offloaded states)."""
     precision: str = "auto"
@@ -421,6 +423,8 @@ def validate(cfg: Config) -> Config:
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     _require(t.schedule in ("cosine", "wsd"), "train.schedule", t.schedule, "must be 'cosine' or 'wsd'")
     _require(0.0 <= t.wsd_decay_fraction <= 1.0, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in [0, 1]")
+    _require(t.wql_denominator in ("abs_target", "series_scale"), "train.wql_denominator", t.wql_denominator,
+             "expected 'abs_target' or 'series_scale'")
     _require(0.0 <= t.min_prefix_fraction <= 1.0, "train.min_prefix_fraction", t.min_prefix_fraction,
              "must be in [0, 1]")
     _require(t.stp_weighting in ("uniform", "inv_sqrt"), "train.stp_weighting", t.stp_weighting,

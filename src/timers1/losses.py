@@ -27,6 +27,12 @@ Per-patch loss (paper 3.3), on de-normalized values:
   finite, scale-invariant and continuous with the plain wQL where |x| is not small.
 Patch losses are averaged over all (batch, position) pairs that have at least one observed
 target point.
+
+Denominator ``series_scale`` (``train.wql_denominator``; the paper's is ``abs_target``):
+``denom = n_t * s``, a pinball loss in the window's normalised units. sum|x| makes a patch's
+weight proportional to std/level of its series, so a series far from zero (births, hospital
+admissions, electricity load: most real data) weighs tens of times less than a zero-centred
+synthetic one, and a model trained on mostly synthetic data learns little about the former.
 """
 
 from __future__ import annotations
@@ -70,20 +76,29 @@ def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points:
     return patches[:, gather], masks[:, gather] * scored_BN[:, None, :, None].to(masks.dtype)
 
 
+WQL_DENOMINATORS = ("abs_target", "series_scale")
+
+
 def weighted_quantile_loss(pred_BJNQP: torch.Tensor, target_BJNP: torch.Tensor, mask_BJNP: torch.Tensor,
-                           quantiles: torch.Tensor, scale_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           quantiles: torch.Tensor, scale_B: torch.Tensor,
+                           denominator: str = "abs_target") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch wQL averaged over quantiles ``[B, J, N]`` and whether each patch counts.
 
-    All inputs on the de-normalized scale. See the module docstring for the denominator.
+    All inputs on the de-normalized scale. See the module docstring for the denominators.
     """
     error = target_BJNP.unsqueeze(3) - pred_BJNQP  # [B, J, N, Q, P]
     q = quantiles.view(1, 1, 1, -1, 1).to(pred_BJNQP.dtype)
     pinball = torch.maximum(q * error, (q - 1) * error) * mask_BJNP.unsqueeze(3)
     numer_BJNQ = 2.0 * pinball.sum(dim=-1)
     observed = mask_BJNP.sum(dim=-1)
-    abs_sum = (target_BJNP.abs() * mask_BJNP).sum(dim=-1)
-    floor = observed * WQL_DENOMINATOR_FLOOR * scale_B.view(-1, 1, 1)
-    denom = torch.maximum(abs_sum, floor).clamp_min(torch.finfo(pred_BJNQP.dtype).tiny)
+    if denominator == "series_scale":
+        denom = observed * scale_B.view(-1, 1, 1)
+    elif denominator == "abs_target":
+        abs_sum = (target_BJNP.abs() * mask_BJNP).sum(dim=-1)
+        denom = torch.maximum(abs_sum, observed * WQL_DENOMINATOR_FLOOR * scale_B.view(-1, 1, 1))
+    else:
+        raise ValueError(f"wQL denominator {denominator!r}: expected one of {WQL_DENOMINATORS}")
+    denom = denom.clamp_min(torch.finfo(pred_BJNQP.dtype).tiny)
     return (numer_BJNQ / denom.unsqueeze(-1)).mean(dim=-1), observed > 0
 
 
@@ -167,6 +182,7 @@ def timer_s1_loss(
     aux_loss_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     min_prefix_fraction: float = 0.0,
+    wql_denominator: str = "abs_target",
 ) -> LossParts:
     """``L = L_NTP + (1/H) sum_j w_j L_STP,j + alpha * L_aux (+ z-loss)``.
 
@@ -179,7 +195,7 @@ def timer_s1_loss(
     pred = pred_BJNQP * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
     q = torch.tensor(quantiles, device=pred.device)
     wql_BJN, valid_BJN = weighted_quantile_loss(pred, target.to(pred.dtype), target_mask.to(pred.dtype), q,
-                                                scale_B1.view(-1).to(pred.dtype))
+                                                scale_B1.view(-1).to(pred.dtype), wql_denominator)
     per_horizon = [masked_mean(wql_BJN[:, j], valid_BJN[:, j]) for j in range(num_horizons)]
     ntp, stp = per_horizon[0], per_horizon[1:]
     total = ntp
@@ -198,7 +214,7 @@ def timer_s1_loss(
 
 def window_loss(model, values_BW: torch.Tensor, mask_BW: torch.Tensor, context_points: int, quantiles: list[float],
                 stp_weighting: str = "uniform", aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
-                min_prefix_fraction: float = 0.0):
+                min_prefix_fraction: float = 0.0, wql_denominator: str = "abs_target"):
     """Normalize the context, run the model, score every horizon: the whole single-device step.
 
     Returns (LossParts, router records). The window holds the context followed by the future
@@ -210,5 +226,5 @@ def window_loss(model, values_BW: torch.Tensor, mask_BW: torch.Tensor, context_p
     normed, mean, scale = instance_normalize(context, context_mask)
     out = model(normed, context_mask)
     parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, values_BW, mask_BW, mean, scale, quantiles,
-                          stp_weighting, aux_loss_coef, z_loss_coef, min_prefix_fraction)
+                          stp_weighting, aux_loss_coef, z_loss_coef, min_prefix_fraction, wql_denominator)
     return parts, out.router_records

@@ -167,7 +167,8 @@ def build_engine(model: TimerS1, dims: ParallelDims, cfg: Config, device: torch.
     ctx = StepContext(
         quantiles=list(m.quantiles), num_horizons=m.num_stp_blocks + 1, num_blocks=num_blocks,
         patch_points=m.patch_points, context_points=cfg.data.context_points, stp_weighting=cfg.train.stp_weighting,
-        min_prefix_fraction=cfg.train.min_prefix_fraction, aux_loss_coef=moe.aux_loss_coef,
+        min_prefix_fraction=cfg.train.min_prefix_fraction, wql_denominator=cfg.train.wql_denominator,
+        aux_loss_coef=moe.aux_loss_coef,
         z_loss_coef=moe.z_loss_coef, dp=dims.dp, tp=dims.tp, batch_group=batch_mesh.get_group(),
         batch_group_size=batch_mesh.size(),
     )

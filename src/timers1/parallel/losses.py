@@ -58,6 +58,7 @@ class StepContext:
     context_points: int = 0
     stp_weighting: str = "uniform"
     min_prefix_fraction: float = 0.0
+    wql_denominator: str = "abs_target"
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     dp: int = 1
@@ -88,7 +89,7 @@ class StepContext:
         pred = pred_BNQP.unsqueeze(1) * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
         q = torch.tensor(self.quantiles, device=pred.device)
         wql, valid = weighted_quantile_loss(pred, target[:, j:j + 1].to(pred.dtype), tmask[:, j:j + 1].to(pred.dtype),
-                                            q, scale_B1.view(-1).to(pred.dtype))
+                                            q, scale_B1.view(-1).to(pred.dtype), self.wql_denominator)
         loss = masked_mean(wql[:, 0], valid[:, 0])
         if not _in_backward():
             # Reported as the mean over dp (and the identical tp copies) and microbatches.

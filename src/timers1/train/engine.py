@@ -57,7 +57,8 @@ class LocalEngine:
         with self._autocast:
             parts, records = window_loss(self.model, values_BW, mask_BW, cfg.data.context_points,
                                          cfg.model.quantiles, cfg.train.stp_weighting, cfg.moe.aux_loss_coef,
-                                         cfg.moe.z_loss_coef, cfg.train.min_prefix_fraction)
+                                         cfg.moe.z_loss_coef, cfg.train.min_prefix_fraction,
+                                         cfg.train.wql_denominator)
         (parts.total * scale).backward()
         return StepResult(parts.as_floats(), tokens_per_expert(records))
 
