@@ -15,7 +15,9 @@ inference a short series is normalised over exactly the points the model sees, a
 turns into a forecast pulled back to the context mean (trending yearly and monthly series
 suffered most). Scoring only positions whose observed prefix covers at least this fraction of
 the window's observed context keeps the leak small; windows truncated by the loader
-(``data.truncate_probability``) then teach short contexts with their own statistics.
+(``data.truncate_probability``) then teach short contexts with their own statistics. Measured
+on the small CPU model (README, trials E vs F): no gain beyond noise once the denominator is
+``series_scale``, so the recipes leave it off.
 
 Per-patch loss (paper 3.3), on de-normalized values:
   ``wQL_q = 2 * sum_t pinball_q(x_t, xhat_t) / denom``, averaged over the Q quantiles, where
