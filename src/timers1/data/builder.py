@@ -358,9 +358,10 @@ def build_default_corpus(out_dir: str | Path, num_synthetic_series: int = DEFAUL
     """Build the no-download default corpus; returns the build summary.
 
     About 16M points at the default size: real series shipped in statsmodels and matplotlib
-    plus ``num_synthetic_series`` synthetic ones of 32-8,192 points over all families
-    (seasonal profiles, hourly daily/weekly cycles, calendar seasonality, trends, intermittent
-    demand, random walks, ARMA, canonical mixes, KernelSynth). About 40 s on two cores.
+    plus ``num_synthetic_series`` synthetic ones of 16-8,192 points (per-family ranges in
+    DEFAULT_LENGTHS) over all families (seasonal profiles, short growth series, hourly
+    daily/weekly cycles, calendar seasonality, trends, intermittent demand, random walks, ARMA,
+    canonical mixes, KernelSynth). About 15 s on two cores.
     """
     cfg = default_build_config(num_synthetic_series, seed, include_real)
     cfg.target_shard_mb = target_shard_bytes / 2**20

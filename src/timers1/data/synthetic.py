@@ -206,20 +206,23 @@ PROFILE_CALENDARS = ((24, 24, "H"), (24, 24, "H"), (48, 48, "30min"), (96, 96, "
                      (13, None, "W"))
 
 
+def _circular_bump(period: int, center: float, width: float) -> np.ndarray:
+    """A Gaussian bump on a circle of ``period`` steps (it wraps from the last step to the first)."""
+    dist = np.abs(np.arange(period) - center)
+    return np.exp(-0.5 * (np.minimum(dist, period - dist) / max(width, 0.5)) ** 2)
+
+
 def _profile_shape(rng: np.random.Generator, period: int) -> np.ndarray:
     """One period of a seasonal shape, zero mean and unit std."""
     kind = rng.choice(["smooth", "peaks", "steps"])
-    grid = np.arange(period)
     if kind == "smooth":  # circularly smoothed noise: broad irregular shapes
-        width = rng.uniform(0.03, 0.25) * period
-        kernel = np.exp(-0.5 * (np.minimum(grid, period - grid) / max(width, 0.5)) ** 2)
+        kernel = _circular_bump(period, 0.0, rng.uniform(0.03, 0.25) * period)
         shape = np.real(np.fft.ifft(np.fft.fft(rng.standard_normal(period)) * np.fft.fft(kernel)))
     elif kind == "peaks":  # a few bumps, like morning and evening load peaks
         shape = np.zeros(period)
         for _ in range(rng.integers(1, 4)):
             center, width = rng.uniform(0, period), rng.uniform(0.03, 0.2) * period
-            dist = np.minimum(np.abs(grid - center), period - np.abs(grid - center))
-            shape += rng.uniform(0.3, 1.0) * np.exp(-0.5 * (dist / max(width, 0.5)) ** 2)
+            shape += rng.uniform(0.3, 1.0) * _circular_bump(period, center, width)
         if rng.random() < 0.3:
             shape = -shape  # troughs instead of peaks
     else:  # one free value per season (a monthly or quarterly calendar)
