@@ -25,6 +25,12 @@ Implementations:
     Python loop costs a few microseconds per expert, small against the GEMMs.
   * ``swiglu_experts_reference``: ``torch._grouped_mm`` under autograd, the oracle;
     ``swiglu_experts_loop``: the naive per-expert loop under autograd, the other oracle.
+
+Names: shape suffixes follow the package legend (S routed rows, D, F, E). The per-expert row
+counts are ``tokens_per_expert_E`` everywhere (``tokens_per_expert_ptr`` in kernels, the host
+list ``tokens_per_expert`` on the PyTorch path). The generic grouped-GEMM helpers take operands
+whose widths are D or F depending on the call, so those operands carry no suffix; their
+docstrings write M, N for output dims and R for the reduction length, never legend letters.
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm(x_SI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return _ContiguousGrad.apply(torch._grouped_mm(x_SI, w_EIO, offs=offsets_E))
+def _torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """a: [S, R], b: [E, R, N] -> [S, N]; rows of expert e end at ``offsets_E[e]``."""
+    return _ContiguousGrad.apply(torch._grouped_mm(a, b, offs=offsets_E))
 
 
 def swiglu_experts_reference(
@@ -63,9 +70,9 @@ def swiglu_experts_reference(
     w_down_EDF: torch.Tensor,
 ) -> torch.Tensor:
     offsets_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-    gate_SF = _grouped_mm(x_SD, w_gate_EFD.transpose(1, 2), offsets_E)
-    up_SF = _grouped_mm(x_SD, w_up_EFD.transpose(1, 2), offsets_E)
-    return _grouped_mm(F.silu(gate_SF) * up_SF, w_down_EDF.transpose(1, 2), offsets_E)
+    gate_SF = _torch_grouped_mm(x_SD, w_gate_EFD.transpose(1, 2), offsets_E)
+    up_SF = _torch_grouped_mm(x_SD, w_up_EFD.transpose(1, 2), offsets_E)
+    return _torch_grouped_mm(F.silu(gate_SF) * up_SF, w_down_EDF.transpose(1, 2), offsets_E)
 
 
 def swiglu_experts_loop(
@@ -93,36 +100,38 @@ def swiglu_experts_loop(
 if triton is not None:
 
     @triton.jit
-    def _tile_of(counts_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    def _tile_of(tokens_per_expert_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
         """Map program_id(0) to (expert, first row of the tile, end row of the expert).
 
-        Tiles are numbered expert by expert: expert e owns cdiv(count_e, BLOCK_M) tiles. A pid
-        past the last tile gets e == E (the caller skips it). Cost: one E-vector load + cumsum.
+        Tiles are numbered expert by expert: expert e owns cdiv(tokens_per_expert[e], BLOCK_M)
+        tiles. A pid past the last tile gets e >= E (the caller skips it). Cost: one E-vector
+        load + cumsum.
         """
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_E)
-        counts = tl.load(counts_ptr + cols, mask=cols < E, other=0).to(tl.int32)
-        tiles = (counts + BLOCK_M - 1) // BLOCK_M
+        tokens_per_expert = tl.load(tokens_per_expert_ptr + cols, mask=cols < E, other=0).to(tl.int32)
+        tiles = (tokens_per_expert + BLOCK_M - 1) // BLOCK_M
         tile_end = tl.cumsum(tiles, axis=0)
-        row_end = tl.cumsum(counts, axis=0)
+        row_end = tl.cumsum(tokens_per_expert, axis=0)
         e = tl.sum((tile_end <= pid).to(tl.int32), axis=0)
         here = cols == e
         first_tile = tl.sum(tl.where(here, tile_end - tiles, 0), axis=0)
         row_stop = tl.sum(tl.where(here, row_end, 0), axis=0)
-        row_begin = row_stop - tl.sum(tl.where(here, counts, 0), axis=0)
+        row_begin = row_stop - tl.sum(tl.where(here, tokens_per_expert, 0), axis=0)
         return e, row_begin + (pid - first_tile) * BLOCK_M, row_stop
 
     @triton.jit
     def _gate_up_fwd_kernel(
-        x_ptr, wg_ptr, wu_ptr, counts_ptr, g_ptr, u_ptr, h_ptr,
-        E, Dm, Fw,
+        x_ptr, w_gate_ptr, w_up_ptr, tokens_per_expert_ptr, g_ptr, u_ptr, h_ptr,
+        E, D, Fw,
         s_we, s_wf, s_wd,
         PREC: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """G, U = X W_gate[e]^T, X W_up[e]^T sharing the X tile; epilogue H = silu(G) * U.
-        x: [S, Dm] row-major; w*: [E, Fw, Dm] strided; g/u/h: [S, Fw] row-major."""
-        e, m0, row_stop = _tile_of(counts_ptr, E, BLOCK_M, BLOCK_E)
+        x: [S, D] row-major; w_gate/w_up: [E, F, D], both with the strides s_w*; g/u/h: [S, F]
+        row-major. Tiles: BLOCK_M rows, BLOCK_N of F, BLOCK_K of D (the reduction)."""
+        e, m0, row_stop = _tile_of(tokens_per_expert_ptr, E, BLOCK_M, BLOCK_E)
         if e < E:
             rm = m0 + tl.arange(0, BLOCK_M)
             rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,13 +141,13 @@ if triton is not None:
             acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             w_off = e * s_we + rn[None, :] * s_wf
-            for k0 in range(0, Dm, BLOCK_K):
+            for k0 in range(0, D, BLOCK_K):
                 k = k0 + rk
-                k_ok = k < Dm
-                a = tl.load(x_ptr + rm[:, None] * Dm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                k_ok = k < D
+                a = tl.load(x_ptr + rm[:, None] * D + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w_mask = k_ok[:, None] & n_ok[None, :]
-                bg = tl.load(wg_ptr + w_off + k[:, None] * s_wd, mask=w_mask, other=0.0)
-                bu = tl.load(wu_ptr + w_off + k[:, None] * s_wd, mask=w_mask, other=0.0)
+                bg = tl.load(w_gate_ptr + w_off + k[:, None] * s_wd, mask=w_mask, other=0.0)
+                bu = tl.load(w_up_ptr + w_off + k[:, None] * s_wd, mask=w_mask, other=0.0)
                 acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
                 acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
             h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -150,17 +159,19 @@ if triton is not None:
 
     @triton.jit
     def _grouped_mm_kernel(
-        a_ptr, b_ptr, a2_ptr, b2_ptr, counts_ptr, c_ptr, g_ptr, u_ptr, c2_ptr,
-        E, N, Kd,
-        s_be, s_bk, s_bn,
+        a_ptr, b_ptr, a2_ptr, b2_ptr, tokens_per_expert_ptr, c_ptr, g_ptr, u_ptr, c2_ptr,
+        E, N, R,
+        s_be, s_br, s_bn,
         TWO: tl.constexpr, SWIGLU_BWD: tl.constexpr,
         PREC: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """C_e = A_e B[e] (+ A2_e B2[e] if TWO), A/A2: [S, Kd] row-major, B/B2: [E, Kd, N] via
-        strides (so a transposed weight is just swapped strides). Epilogue SWIGLU_BWD reads G, U
-        at the tile and stores dG into c and dU into c2 instead of C (which is dH)."""
-        e, m0, row_stop = _tile_of(counts_ptr, E, BLOCK_M, BLOCK_E)
+        """C_e = A_e B[e] (+ A2_e B2[e] if TWO). A/A2: [S, R] row-major, B/B2: [E, R, N] via
+        strides (so a transposed weight is just swapped strides; B2 uses B's), C: [S, N].
+        Epilogue SWIGLU_BWD: the product is dH; reads G, U ([S, N]) at the tile and stores dG
+        into c and dU into c2. Tiles: BLOCK_M rows, BLOCK_N of N, BLOCK_K of R (the reduction).
+        Launched only through _grouped_mm, _grouped_mm_sum2 and _grouped_mm_swiglu_bwd."""
+        e, m0, row_stop = _tile_of(tokens_per_expert_ptr, E, BLOCK_M, BLOCK_E)
         if e < E:
             rm = m0 + tl.arange(0, BLOCK_M)
             rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,17 +180,17 @@ if triton is not None:
             n_ok = rn < N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             b_off = e * s_be + rn[None, :] * s_bn
-            for k0 in range(0, Kd, BLOCK_K):
+            for k0 in range(0, R, BLOCK_K):
                 k = k0 + rk
-                k_ok = k < Kd
+                k_ok = k < R
                 a_mask = m_ok[:, None] & k_ok[None, :]
                 b_mask = k_ok[:, None] & n_ok[None, :]
-                a = tl.load(a_ptr + rm[:, None] * Kd + k[None, :], mask=a_mask, other=0.0)
-                b = tl.load(b_ptr + b_off + k[:, None] * s_bk, mask=b_mask, other=0.0)
+                a = tl.load(a_ptr + rm[:, None] * R + k[None, :], mask=a_mask, other=0.0)
+                b = tl.load(b_ptr + b_off + k[:, None] * s_br, mask=b_mask, other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=PREC)
                 if TWO:
-                    a2 = tl.load(a2_ptr + rm[:, None] * Kd + k[None, :], mask=a_mask, other=0.0)
-                    b2 = tl.load(b2_ptr + b_off + k[:, None] * s_bk, mask=b_mask, other=0.0)
+                    a2 = tl.load(a2_ptr + rm[:, None] * R + k[None, :], mask=a_mask, other=0.0)
+                    b2 = tl.load(b2_ptr + b_off + k[:, None] * s_br, mask=b_mask, other=0.0)
                     acc = tl.dot(a2, b2, acc, input_precision=PREC)
             out = rm[:, None] * N + rn[None, :]
             ok = m_ok[:, None] & n_ok[None, :]
@@ -194,24 +205,26 @@ if triton is not None:
 
     @triton.jit
     def _grouped_wgrad_kernel(
-        a_ptr, b_ptr, g_ptr, u_ptr, counts_ptr, out_ptr,
+        a_ptr, b_ptr, g_ptr, u_ptr, tokens_per_expert_ptr, out_ptr,
         E, M, N,
         s_oe, s_om, s_on,
         H_FROM_GU: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """out[e] = A_e^T B_e, reduced over expert e's rows. A: [S, M], B: [S, N] row-major.
-        With H_FROM_GU, B is H = silu(G) * U recomputed from G and U on load (g/u: [S, N]).
-        grid = (E, m tiles * n tiles); an expert with no rows stores zeros."""
+        """out[e] = A_e^T B_e, reduced over expert e's rows. A: [S, M], B: [S, N] row-major,
+        out: [E, M, N] via strides. With H_FROM_GU, B is H = silu(G) * U recomputed from G and U
+        on load (g/u: [S, N]). Tiles: BLOCK_M of M, BLOCK_N of N, BLOCK_K of the expert's rows
+        (the reduction). grid = (E, m tiles * n tiles); an expert with no rows stores zeros.
+        Launched only through _grouped_wgrad and _grouped_wgrad_recomputed_h."""
         e = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         rm = (tl.program_id(1) // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = (tl.program_id(1) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_E)
-        counts = tl.load(counts_ptr + cols, mask=cols < E, other=0).to(tl.int32)
-        row_end = tl.cumsum(counts, axis=0)
+        tokens_per_expert = tl.load(tokens_per_expert_ptr + cols, mask=cols < E, other=0).to(tl.int32)
+        row_end = tl.cumsum(tokens_per_expert, axis=0)
         row_stop = tl.sum(tl.where(cols == e, row_end, 0), axis=0)
-        row_begin = row_stop - tl.sum(tl.where(cols == e, counts, 0), axis=0)
+        row_begin = row_stop - tl.sum(tl.where(cols == e, tokens_per_expert, 0), axis=0)
         m_ok = rm < M
         n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -234,7 +247,8 @@ if triton is not None:
 
 # H100 bf16 candidates: 128x128x64 with 8 warps / 3 stages is the usual winner for MoE-sized
 # problems (hundreds to thousands of rows per expert); narrower tiles for small widths or few
-# rows per expert, where 128-row tiles would be mostly padding.
+# rows per expert, where 128-row tiles would be mostly padding. BLOCK_K always tiles the
+# reduction of the kernel it is given to (see each kernel's docstring), never top-k.
 _H100_CONFIGS = [] if triton is None else [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bm, bn, bk, w, st in [
@@ -248,103 +262,146 @@ _INTERP_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 # Tuning keys: the GEMM's fixed dims and the epilogue flags; the token count S varies every
 # step and only changes the grid, so it is left out (the tile-to-expert map is in-kernel).
 _TUNED = {} if triton is None else {
-    _gate_up_fwd_kernel: triton.autotune(_H100_CONFIGS, key=["Dm", "Fw"])(_gate_up_fwd_kernel),
-    _grouped_mm_kernel: triton.autotune(_H100_CONFIGS, key=["N", "Kd", "TWO", "SWIGLU_BWD"])(_grouped_mm_kernel),
+    _gate_up_fwd_kernel: triton.autotune(_H100_CONFIGS, key=["D", "Fw"])(_gate_up_fwd_kernel),
+    _grouped_mm_kernel: triton.autotune(_H100_CONFIGS, key=["N", "R", "TWO", "SWIGLU_BWD"])(_grouped_mm_kernel),
     _grouped_wgrad_kernel: triton.autotune(_H100_CONFIGS, key=["M", "N", "H_FROM_GU"])(_grouped_wgrad_kernel),
 }
 
 
-def _launch(kernel, grid, *args, **kwargs):
+def _launch(kernel, grid, **args):
     """Launch with autotuned tiles on a GPU, fixed small tiles in the interpreter.
 
-    ``grid(meta)`` gets the tile sizes, because the number of M tiles (and so the grid) depends
-    on BLOCK_M: the grouped kernels launch cdiv(S, BLOCK_M) + E programs, an upper bound on
-    sum_e cdiv(count_e, BLOCK_M) that needs no host sync; surplus programs exit at once.
+    ``args`` are keyword arguments named as the kernel's parameters. ``grid(meta)`` gets the
+    tile sizes, because the number of tiles (and so the grid) depends on them.
     """
     if interpreting():
-        kernel[grid(_INTERP_BLOCKS)](*args, **kwargs, **_INTERP_BLOCKS)
+        kernel[grid(_INTERP_BLOCKS)](**args, **_INTERP_BLOCKS)
     else:
-        _TUNED[kernel][grid](*args, **kwargs)
+        _TUNED[kernel][grid](**args)
 
 
-def _wgrad(a_SM, b_SN, counts_E, out, g=None, u=None):
-    """out[e] = a_e^T b_e into ``out`` ([E, M, N] with arbitrary strides)."""
+def _rows_grid(S, E, N):
+    """Grid of the kernels that find their expert with ``_tile_of``: cdiv(S, BLOCK_M) + E row
+    programs bound sum_e cdiv(tokens_per_expert[e], BLOCK_M) without a host sync; surplus
+    programs exit at once."""
+    return lambda meta: (triton.cdiv(S, meta["BLOCK_M"]) + E, triton.cdiv(N, meta["BLOCK_N"]))
+
+
+def _gate_up_swiglu(x_SD, w_gate_EFD, w_up_EFD, tokens_per_expert_E, g_SF, u_SF, h_SF):
+    """G, U and H = silu(G) * U for all experts in one launch, into g_SF, u_SF, h_SF."""
+    S, D = x_SD.shape
+    E, Fw, _ = w_gate_EFD.shape
+    assert w_up_EFD.stride() == w_gate_EFD.stride(), "the kernel reads both weights with one set of strides"
+    if S == 0:
+        return
+    _launch(
+        _gate_up_fwd_kernel, _rows_grid(S, E, Fw),
+        x_ptr=x_SD, w_gate_ptr=w_gate_EFD, w_up_ptr=w_up_EFD, tokens_per_expert_ptr=tokens_per_expert_E,
+        g_ptr=g_SF, u_ptr=u_SF, h_ptr=h_SF,
+        E=E, D=D, Fw=Fw, s_we=w_gate_EFD.stride(0), s_wf=w_gate_EFD.stride(1), s_wd=w_gate_EFD.stride(2),
+        PREC=dot_precision(x_SD.dtype), BLOCK_E=next_pow2(E),
+    )
+
+
+def _launch_grouped_mm(a, b, tokens_per_expert_E, out, *, TWO, SWIGLU_BWD,
+                       a2=None, b2=None, g=None, u=None, c2=None):
+    """The launch shared by the three ``_grouped_mm*`` modes.
+
+    Operands a mode does not read stay None: Triton specializes a None argument as a constant,
+    and the TWO / SWIGLU_BWD branches that would touch it are not compiled, so no placeholder
+    tensor is needed.
+    """
+    S, R = a.shape
+    E, _, N = b.shape
+    if S == 0:
+        return
+    _launch(
+        _grouped_mm_kernel, _rows_grid(S, E, N),
+        a_ptr=a, b_ptr=b, a2_ptr=a2, b2_ptr=b2, tokens_per_expert_ptr=tokens_per_expert_E,
+        c_ptr=out, g_ptr=g, u_ptr=u, c2_ptr=c2,
+        E=E, N=N, R=R, s_be=b.stride(0), s_br=b.stride(1), s_bn=b.stride(2),
+        TWO=TWO, SWIGLU_BWD=SWIGLU_BWD, PREC=dot_precision(a.dtype), BLOCK_E=next_pow2(E),
+    )
+
+
+def _grouped_mm(a, b, tokens_per_expert_E, out):
+    """out_e = a_e b[e] per expert. a: [S, R] row-major; b: [E, R, N], any strides (pass
+    ``w.transpose(1, 2)`` to multiply by w[e]^T without a copy); out: [S, N] row-major."""
+    _launch_grouped_mm(a, b, tokens_per_expert_E, out, TWO=False, SWIGLU_BWD=False)
+    return out
+
+
+def _grouped_mm_sum2(a, b, a2, b2, tokens_per_expert_E, out):
+    """out_e = a_e b[e] + a2_e b2[e] in one accumulator, so out is written once; shapes as in
+    ``_grouped_mm``, and b2 must have b's strides."""
+    assert b2.stride() == b.stride(), "the kernel reads b2 with b's strides"
+    _launch_grouped_mm(a, b, tokens_per_expert_E, out, a2=a2, b2=b2, TWO=True, SWIGLU_BWD=False)
+    return out
+
+
+def _grouped_mm_swiglu_bwd(dy_SD, w_down_EDF, g_SF, u_SF, tokens_per_expert_E, dg_SF, du_SF):
+    """dH_e = dY_e W_down[e] with the SwiGLU backward as epilogue, into dg_SF and du_SF: dH
+    itself never reaches memory."""
+    _launch_grouped_mm(dy_SD, w_down_EDF, tokens_per_expert_E, dg_SF, g=g_SF, u=u_SF, c2=du_SF,
+                       TWO=False, SWIGLU_BWD=True)
+    return dg_SF, du_SF
+
+
+def _launch_grouped_wgrad(a, tokens_per_expert_E, out, *, H_FROM_GU, b=None, g=None, u=None):
+    """The launch shared by the two ``_grouped_wgrad*`` modes (None operands: as in
+    ``_launch_grouped_mm``). One program per (expert, output tile), so an expert without rows
+    still writes its zeros."""
     E, M, N = out.shape
     _launch(
         _grouped_wgrad_kernel,
         lambda meta: (E, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),
-        a_SM, b_SN if b_SN is not None else a_SM, g if g is not None else a_SM, u if u is not None else a_SM,
-        counts_E, out, E, M, N, out.stride(0), out.stride(1), out.stride(2),
-        H_FROM_GU=g is not None, PREC=dot_precision(a_SM.dtype), BLOCK_E=next_pow2(E),
+        a_ptr=a, b_ptr=b, g_ptr=g, u_ptr=u, tokens_per_expert_ptr=tokens_per_expert_E, out_ptr=out,
+        E=E, M=M, N=N, s_oe=out.stride(0), s_om=out.stride(1), s_on=out.stride(2),
+        H_FROM_GU=H_FROM_GU, PREC=dot_precision(a.dtype), BLOCK_E=next_pow2(E),
     )
     return out
 
 
-def _rows_grid(S, E, N):
-    return lambda meta: (triton.cdiv(S, meta["BLOCK_M"]) + E, triton.cdiv(N, meta["BLOCK_N"]))
+def _grouped_wgrad(a, b, tokens_per_expert_E, out):
+    """out[e] = a_e^T b_e over expert e's rows. a: [S, M], b: [S, N] row-major; out: [E, M, N],
+    any strides."""
+    return _launch_grouped_wgrad(a, tokens_per_expert_E, out, b=b, H_FROM_GU=False)
 
 
-def _triton_forward(x_SD, counts_E, w_gate_EFD, w_up_EFD, w_down_EDF):
+def _grouped_wgrad_recomputed_h(a, g, u, tokens_per_expert_E, out):
+    """out[e] = a_e^T h_e with h = silu(g) * u rebuilt as g and u load, so H is never stored;
+    g, u: [S, N] row-major, otherwise as ``_grouped_wgrad``."""
+    return _launch_grouped_wgrad(a, tokens_per_expert_E, out, g=g, u=u, H_FROM_GU=True)
+
+
+def _triton_forward(x_SD, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF):
     S, D = x_SD.shape
-    E, Fw, _ = w_gate_EFD.shape
+    Fw = w_gate_EFD.shape[1]
     dt = x_SD.dtype
     g_SF = torch.empty(S, Fw, device=x_SD.device, dtype=dt)
     u_SF = torch.empty_like(g_SF)
     h_SF = torch.empty_like(g_SF)
     y_SD = torch.empty(S, D, device=x_SD.device, dtype=dt)
-    if S == 0:
-        return y_SD, g_SF, u_SF
-    prec = dot_precision(dt)
-    BE = next_pow2(E)
-    _launch(
-        _gate_up_fwd_kernel, _rows_grid(S, E, Fw),
-        x_SD, w_gate_EFD, w_up_EFD, counts_E, g_SF, u_SF, h_SF, E, D, Fw,
-        w_gate_EFD.stride(0), w_gate_EFD.stride(1), w_gate_EFD.stride(2),
-        PREC=prec, BLOCK_E=BE,
-    )
-    # Y = H W_down[e]^T: B[e] = W_down[e]^T is [F, D], i.e. W_down with its last two strides swapped.
-    _launch(
-        _grouped_mm_kernel, _rows_grid(S, E, D),
-        h_SF, w_down_EDF, h_SF, w_down_EDF, counts_E, y_SD, y_SD, y_SD, y_SD, E, D, Fw,
-        w_down_EDF.stride(0), w_down_EDF.stride(2), w_down_EDF.stride(1),
-        TWO=False, SWIGLU_BWD=False, PREC=prec, BLOCK_E=BE,
-    )
+    _gate_up_swiglu(x_SD, w_gate_EFD, w_up_EFD, tokens_per_expert_E, g_SF, u_SF, h_SF)
+    _grouped_mm(h_SF, w_down_EDF.transpose(1, 2), tokens_per_expert_E, y_SD)
     return y_SD, g_SF, u_SF
 
 
-def _triton_backward(dy_SD, x_SD, g_SF, u_SF, counts_E, w_gate_EFD, w_up_EFD, w_down_EDF, need):
-    S, D = x_SD.shape
-    E, Fw, _ = w_gate_EFD.shape
-    prec = dot_precision(x_SD.dtype)
-    BE = next_pow2(E)
-    dg_SF = torch.empty_like(g_SF)
-    du_SF = torch.empty_like(u_SF)
-    # dH = dY W_down[e] with the SwiGLU backward as epilogue -> dG, dU.
-    if S > 0:
-        _launch(
-            _grouped_mm_kernel, _rows_grid(S, E, Fw),
-            dy_SD, w_down_EDF, dy_SD, w_down_EDF, counts_E, dg_SF, g_SF, u_SF, du_SF, E, Fw, D,
-            w_down_EDF.stride(0), w_down_EDF.stride(1), w_down_EDF.stride(2),
-            TWO=False, SWIGLU_BWD=True, PREC=prec, BLOCK_E=BE,
-        )
-    dx = dwg = dwu = dwd = None
+def _triton_backward(dy_SD, x_SD, g_SF, u_SF, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, need):
+    dg_SF, du_SF = _grouped_mm_swiglu_bwd(dy_SD, w_down_EDF, g_SF, u_SF, tokens_per_expert_E,
+                                          torch.empty_like(g_SF), torch.empty_like(u_SF))
+    dx_SD = dw_gate_EFD = dw_up_EFD = dw_down_EDF = None
     if need[0]:
-        # dX = dG W_gate[e] + dU W_up[e], both products in one accumulator.
-        dx = torch.empty_like(x_SD)
-        if S > 0:
-            _launch(
-                _grouped_mm_kernel, _rows_grid(S, E, D),
-                dg_SF, w_gate_EFD, du_SF, w_up_EFD, counts_E, dx, dx, dx, dx, E, D, Fw,
-                w_gate_EFD.stride(0), w_gate_EFD.stride(1), w_gate_EFD.stride(2),
-                TWO=True, SWIGLU_BWD=False, PREC=prec, BLOCK_E=BE,
-            )
+        dx_SD = _grouped_mm_sum2(dg_SF, w_gate_EFD, du_SF, w_up_EFD, tokens_per_expert_E,
+                                 torch.empty_like(x_SD))
     if need[2]:
-        dwg = _wgrad(dg_SF, x_SD, counts_E, torch.empty_like(w_gate_EFD))
+        dw_gate_EFD = _grouped_wgrad(dg_SF, x_SD, tokens_per_expert_E, torch.empty_like(w_gate_EFD))
     if need[3]:
-        dwu = _wgrad(du_SF, x_SD, counts_E, torch.empty_like(w_up_EFD))
+        dw_up_EFD = _grouped_wgrad(du_SF, x_SD, tokens_per_expert_E, torch.empty_like(w_up_EFD))
     if need[4]:
-        dwd = _wgrad(dy_SD, None, counts_E, torch.empty_like(w_down_EDF), g=g_SF, u=u_SF)
-    return dx, dwg, dwu, dwd
+        dw_down_EDF = _grouped_wgrad_recomputed_h(dy_SD, g_SF, u_SF, tokens_per_expert_E,
+                                                  torch.empty_like(w_down_EDF))
+    return dx_SD, dw_gate_EFD, dw_up_EFD, dw_down_EDF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,14 +409,14 @@ def _triton_backward(dy_SD, x_SD, g_SF, u_SF, counts_E, w_gate_EFD, w_up_EFD, w_
 # ---------------------------------------------------------------------------------------------
 
 
-def _torch_forward(x_SD, counts, w_gate_EFD, w_up_EFD, w_down_EDF):
+def _torch_forward(x_SD, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF):
     S, D = x_SD.shape
     Fw = w_gate_EFD.shape[1]
     g_SF = x_SD.new_empty(S, Fw)
     u_SF = x_SD.new_empty(S, Fw)
     y_SD = x_SD.new_empty(S, D)
     lo = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(tokens_per_expert):
         if n == 0:
             continue
         hi = lo + n
@@ -372,25 +429,25 @@ def _torch_forward(x_SD, counts, w_gate_EFD, w_up_EFD, w_down_EDF):
     return y_SD, g_SF, u_SF
 
 
-def _empty_grad(w_EXY, counts):
-    """Gradient buffer for a stacked weight: uninitialised, except exact zeros for experts that
-    received no rows (every other slice is overwritten by an ``mm(out=)``). Avoids a full
-    zero-fill, which on CPU costs as much as a small GEMM (first-touch page faults)."""
-    out = torch.empty_like(w_EXY)
-    for e, n in enumerate(counts):
+def _empty_grad(w, tokens_per_expert):
+    """Gradient buffer for a stacked [E, ., .] weight: uninitialised, except exact zeros for
+    experts that received no rows (every other slice is overwritten by an ``mm(out=)``). Avoids
+    a full zero-fill, which on CPU costs as much as a small GEMM (first-touch page faults)."""
+    out = torch.empty_like(w)
+    for e, n in enumerate(tokens_per_expert):
         if n == 0:
             out[e].zero_()
     return out
 
 
-def _torch_backward(dy_SD, x_SD, g_SF, u_SF, counts, w_gate_EFD, w_up_EFD, w_down_EDF, need):
+def _torch_backward(dy_SD, x_SD, g_SF, u_SF, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF, need):
     dx = torch.empty_like(x_SD) if need[0] else None
-    dwg = _empty_grad(w_gate_EFD, counts) if need[2] else None
-    dwu = _empty_grad(w_up_EFD, counts) if need[3] else None
-    dwd = _empty_grad(w_down_EDF, counts) if need[4] else None
+    dwg = _empty_grad(w_gate_EFD, tokens_per_expert) if need[2] else None
+    dwu = _empty_grad(w_up_EFD, tokens_per_expert) if need[3] else None
+    dwd = _empty_grad(w_down_EDF, tokens_per_expert) if need[4] else None
     silu_backward = torch.ops.aten.silu_backward
     lo = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(tokens_per_expert):
         if n == 0:
             continue
         hi = lo + n
@@ -422,26 +479,28 @@ class SwiGLUExpertsFunction(torch.autograd.Function):
         x_SD = x_SD.contiguous()
         ctx.triton_path = triton_path
         if triton_path:
-            counts = tokens_per_expert_E.contiguous()
-            y, g, u = _triton_forward(x_SD, counts, w_gate_EFD, w_up_EFD, w_down_EDF)
-            ctx.save_for_backward(x_SD, g, u, counts, w_gate_EFD, w_up_EFD, w_down_EDF)
+            tokens_per_expert_E = tokens_per_expert_E.contiguous()
+            y_SD, g_SF, u_SF = _triton_forward(x_SD, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF)
+            ctx.save_for_backward(x_SD, g_SF, u_SF, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF)
         else:
             # One host sync for the split sizes: free on CPU, where this path runs.
-            ctx.counts = tokens_per_expert_E.tolist()
-            y, g, u = _torch_forward(x_SD, ctx.counts, w_gate_EFD, w_up_EFD, w_down_EDF)
-            ctx.save_for_backward(x_SD, g, u, w_gate_EFD, w_up_EFD, w_down_EDF)
-        return y
+            ctx.tokens_per_expert = tokens_per_expert_E.tolist()
+            y_SD, g_SF, u_SF = _torch_forward(x_SD, ctx.tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF)
+            ctx.save_for_backward(x_SD, g_SF, u_SF, w_gate_EFD, w_up_EFD, w_down_EDF)
+        return y_SD
 
     @staticmethod
     def backward(ctx, dy_SD):
         dy_SD = dy_SD.contiguous()  # y.sum() sends a stride-0 gradient
         need = ctx.needs_input_grad
         if ctx.triton_path:
-            x, g, u, counts, wg, wu, wd = ctx.saved_tensors
-            dx, dwg, dwu, dwd = _triton_backward(dy_SD, x, g, u, counts, wg, wu, wd, need)
+            x_SD, g_SF, u_SF, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF = ctx.saved_tensors
+            dx, dwg, dwu, dwd = _triton_backward(dy_SD, x_SD, g_SF, u_SF, tokens_per_expert_E,
+                                                 w_gate_EFD, w_up_EFD, w_down_EDF, need)
         else:
-            x, g, u, wg, wu, wd = ctx.saved_tensors
-            dx, dwg, dwu, dwd = _torch_backward(dy_SD, x, g, u, ctx.counts, wg, wu, wd, need)
+            x_SD, g_SF, u_SF, w_gate_EFD, w_up_EFD, w_down_EDF = ctx.saved_tensors
+            dx, dwg, dwu, dwd = _torch_backward(dy_SD, x_SD, g_SF, u_SF, ctx.tokens_per_expert,
+                                                w_gate_EFD, w_up_EFD, w_down_EDF, need)
         return dx, None, dwg, dwu, dwd, None
 
 

@@ -62,7 +62,7 @@ if triton is not None:
 
     @triton.jit
     def _route_fwd_kernel(
-        logits_ptr, probs_ptr, weights_ptr, experts_ptr, counts_ptr, sorted_ptr,
+        logits_ptr, probs_ptr, weights_ptr, experts_ptr, tokens_per_expert_ptr, sorted_slots_ptr,
         hist_ptr, rank_ptr, ticket_ptr,
         T, E, stride_lt, stride_le,
         K: tl.constexpr, RENORM: tl.constexpr,
@@ -139,7 +139,7 @@ if triton is not None:
             totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
             for j in range(0, num_tiles):
                 totals += tl.load(hist_ptr + j * BLOCK_E + cols, cache_modifier=".cg")
-            tl.store(counts_ptr + cols, totals.to(tl.int64), mask=col_ok)
+            tl.store(tokens_per_expert_ptr + cols, totals.to(tl.int64), mask=col_ok)
             running = tl.cumsum(totals, axis=0) - totals  # expert start offsets
             for j in range(0, num_tiles):
                 h = tl.load(hist_ptr + j * BLOCK_E + cols, cache_modifier=".cg")
@@ -154,7 +154,7 @@ if triton is not None:
                 r = tl.load(rank_ptr + s, mask=s_ok, other=0, cache_modifier=".cg")
                 base = tl.load(hist_ptr + (s // (BLOCK_T * K)) * BLOCK_E + e, mask=s_ok, other=0,
                                cache_modifier=".cg")
-                tl.store(sorted_ptr + base + r, s.to(tl.int64), mask=s_ok)
+                tl.store(sorted_slots_ptr + base + r, s.to(tl.int64), mask=s_ok)
 
     @triton.jit
     def _route_bwd_kernel(
@@ -217,21 +217,22 @@ class RouteFunction(torch.autograd.Function):
         probs_TE = torch.empty(T, E, device=dev, dtype=torch.float32)
         weights_TK = torch.empty(T, top_k, device=dev, dtype=torch.float32)
         experts_TK = torch.empty(T, top_k, device=dev, dtype=torch.int64)
-        counts_E = torch.empty(E, device=dev, dtype=torch.int64)
-        sorted_S = torch.empty(T * top_k, device=dev, dtype=torch.int64)
+        tokens_per_expert_E = torch.empty(E, device=dev, dtype=torch.int64)
+        sorted_slots_S = torch.empty(T * top_k, device=dev, dtype=torch.int64)
         hist = torch.empty(num_tiles, BLOCK_E, device=dev, dtype=torch.int32)
         rank_S = torch.empty(T * top_k, device=dev, dtype=torch.int32)
         ticket = torch.zeros(1, device=dev, dtype=torch.int32)
         _route_fwd_kernel[(num_tiles,)](
-            logits_TE, probs_TE, weights_TK, experts_TK, counts_E, sorted_S, hist, rank_S, ticket,
+            logits_TE, probs_TE, weights_TK, experts_TK, tokens_per_expert_E, sorted_slots_S,
+            hist, rank_S, ticket,
             T, E, logits_TE.stride(0), logits_TE.stride(1),
             K=top_k, RENORM=renormalize, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_S=1024,
         )
         ctx.save_for_backward(probs_TE, experts_TK)
         ctx.renormalize = renormalize
         ctx.logits_dtype = logits_TE.dtype
-        ctx.mark_non_differentiable(experts_TK, counts_E, sorted_S)
-        return weights_TK, experts_TK, probs_TE, counts_E, sorted_S
+        ctx.mark_non_differentiable(experts_TK, tokens_per_expert_E, sorted_slots_S)
+        return weights_TK, experts_TK, probs_TE, tokens_per_expert_E, sorted_slots_S
 
     @staticmethod
     def backward(ctx, grad_w_TK, _ge, grad_p_TE, _gc, _gs):
@@ -254,8 +255,9 @@ class RouteFunction(torch.autograd.Function):
 
 
 def route_triton(logits_TE: torch.Tensor, top_k: int, renormalize: bool = False) -> Routing:
-    weights_TK, experts_TK, probs_TE, counts_E, sorted_S = RouteFunction.apply(logits_TE, top_k, renormalize)
-    return Routing(weights_TK, experts_TK, probs_TE, counts_E, sorted_S)
+    weights_TK, experts_TK, probs_TE, tokens_per_expert_E, sorted_slots_S = RouteFunction.apply(
+        logits_TE, top_k, renormalize)
+    return Routing(weights_TK, experts_TK, probs_TE, tokens_per_expert_E, sorted_slots_S)
 
 
 def route(logits_TE: torch.Tensor, top_k: int, renormalize: bool = False, backend: str = "auto") -> Routing:

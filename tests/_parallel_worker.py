@@ -4,7 +4,7 @@ Every rank builds the same tiny model (same seed), computes the single-process r
 and gradients on the *global* batch itself (cheap at this size), then runs the engine on its
 shard and compares. Rank 0 writes the measured max differences to ``out`` as JSON.
 
-Usage (spawned by tests/test_parallel.py): python _parallel_worker.py SCENARIO OUT (under torchrun
+Usage (spawned by tests/test_parallel.py): python _parallel_worker.py SCENARIO LOSSES OUT (under torchrun
 or with RANK/WORLD_SIZE/MASTER_* set).
 """
 
@@ -30,20 +30,30 @@ SCENARIOS = {
     "dp2_ep2": dict(dp_shard=4, ep=2),
     "tp2_pp2": dict(dp_shard=1, tp=2, pp=2, pp_schedule="1f1b", pp_microbatches=2),
     "tp2_ep2_ac": dict(dp_shard=1, tp=2, ep=2, activation_checkpointing=True),
+    "pp2_ac": dict(dp_shard=1, pp=2, pp_schedule="1f1b", pp_microbatches=2, activation_checkpointing=True),
+}
+
+# Loss options: "recipes" is what the shipped recipes train with, all at once (the CPU recipes'
+# series_scale denominator and aux loss, the CPT configs' 1/sqrt(j) STP weighting) plus a z-loss;
+# "paper" is the paper's wQL with uniform STP weights.
+LOSSES = {
+    "recipes": ["train.wql_denominator=series_scale", "train.stp_weighting=inv_sqrt", "moe.aux_loss_coef=0.02",
+                "moe.z_loss_coef=0.001"],
+    "paper": ["train.wql_denominator=abs_target", "train.stp_weighting=uniform", "moe.aux_loss_coef=0.02",
+              "moe.z_loss_coef=0.0"],
 }
 
 CONTEXT_POINTS = 128
 BATCH_PER_RANK = 4
 
 
-def _config(scenario: str):
+def _config(scenario: str, losses: str):
     from pathlib import Path
 
     from timers1.config import load_config
 
     over = [f"parallel.{k}={v}" for k, v in SCENARIOS[scenario].items()]
-    over += [f"data.context_points={CONTEXT_POINTS}", "moe.z_loss_coef=0.001", "model.dropout=0.0",
-             "moe.kernel_backend=torch"]
+    over += [f"data.context_points={CONTEXT_POINTS}", "model.dropout=0.0", "moe.kernel_backend=torch", *LOSSES[losses]]
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", over)
 
 
@@ -59,26 +69,27 @@ def _force_zero_tokens(model, owner_experts):
 
 
 def reference(model, cfg, values_BW, mask_BW, num_mb: int, dp: int):
-    """Mean over microbatches of the single-process loss; global microbatch m = chunk m of every dp shard."""
-    from timers1.losses import timer_s1_loss
-    from timers1.model import instance_normalize
+    """The same global microbatches through one process (the 1x1x1x1 layout): mean loss over them.
 
-    c = cfg.data.context_points
+    Global microbatch m = chunk m of every dp shard, as the pipeline schedule splits them.
+    """
+    import dataclasses
+
+    from timers1.config import ParallelConfig
+    from timers1.parallel import ParallelDims, build_engine
+
+    plain = dataclasses.replace(cfg, parallel=ParallelConfig())  # no activation checkpointing either
+    engine = build_engine(model, plain, dims=ParallelDims(world_size=1))
     shards_v, shards_m = values_BW.chunk(dp), mask_BW.chunk(dp)
     totals = []
     for mb in range(num_mb):
         v = torch.cat([s.chunk(num_mb)[mb] for s in shards_v])
         m = torch.cat([s.chunk(num_mb)[mb] for s in shards_m])
-        normed, mean, scale = instance_normalize(v[:, :c], m[:, :c])
-        out = model(normed, m[:, :c])
-        parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, v, m, mean, scale, cfg.model.quantiles,
-                              cfg.train.stp_weighting, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
-        (parts.total / num_mb).backward()
-        totals.append(parts.total.detach())
-    return torch.stack(totals).mean()
+        totals.append(engine.forward_backward(v, m, grad_scale=1 / num_mb).loss_floats["loss"])
+    return sum(totals) / num_mb
 
 
-def main(scenario: str, out_path: str) -> None:
+def main(scenario: str, losses: str, out_path: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from timers1.model import build_model
@@ -86,7 +97,7 @@ def main(scenario: str, out_path: str) -> None:
 
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = _config(scenario)
+    cfg = _config(scenario, losses)
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.build_meshes(device.type)
 
@@ -110,9 +121,9 @@ def main(scenario: str, out_path: str) -> None:
     ref_loss = reference(ref_model, cfg, values, mask, num_mb, dims.dp)
     ref_grads = {k: p.grad for k, p in ref_model.named_parameters()}
 
-    engine = build_engine(model, dims, cfg, device)
+    engine = build_engine(model, cfg, world, device, dims=dims)
     shard = slice(dims.dp_rank * BATCH_PER_RANK, (dims.dp_rank + 1) * BATCH_PER_RANK)
-    parts = engine.forward_backward(values[shard], mask[shard])
+    loss = engine.forward_backward(values[shard], mask[shard]).loss_floats["loss"]
 
     grad_diff = 0.0
     seen = 0
@@ -130,7 +141,7 @@ def main(scenario: str, out_path: str) -> None:
             if scenario == "ep2_zero_tokens" and name.endswith("w_up_EFD"):
                 local = g.to_local() if isinstance(g, DTensor) else g
                 zero_token_grad = max(zero_token_grad or 0.0, float(local.abs().max()))
-    loss_diff = abs(float(parts.total) - float(ref_loss))
+    loss_diff = abs(loss - ref_loss)
 
     # DCP state dicts on the parallelized parts (what the trainer checkpoints): every value a
     # DTensor, names those of the unparallelized model, optimizer state after one AdamW step.
@@ -151,7 +162,7 @@ def main(scenario: str, out_path: str) -> None:
     count = torch.tensor([seen])
     dist.all_reduce(count)
     result = {"scenario": scenario, "world": world, "grad_max_abs_diff": float(stats[0]),
-              "loss_abs_diff": float(stats[1]), "loss": float(parts.total), "ref_loss": float(ref_loss),
+              "loss_abs_diff": float(stats[1]), "loss": loss, "ref_loss": ref_loss,
               "params_checked": int(count), "state_dict_keys_rank0": len(model_keys), "optim_state_keys_rank0": optim_keys}
     if zero_token_grad is not None:
         result[f"expert_grad_absmax_rank{rank}"] = zero_token_grad
@@ -166,4 +177,4 @@ def main(scenario: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from timers1.kernels import Routing
-from timers1.losses import (WQL_DENOMINATOR_FLOOR, load_balancing_loss, stp_weights, target_patches,
-                            timer_s1_loss, weighted_quantile_loss)
+from timers1.losses import (WQL_DENOMINATOR_FLOOR, LossConfig, LossParts, LossShare, router_losses, stage_loss,
+                            stp_weights, target_patches, weighted_quantile_loss)
+from timers1.model import TimerS1Output, instance_normalize
 from timers1.model.moe import RouterRecord
 
 Q9 = torch.tensor([0.1 * i for i in range(1, 10)])
@@ -122,9 +123,13 @@ def test_full_objective_matches_loop(weighting):
     mask = torch.ones(batch, 5 * p)
     mask[1, :6] = 0  # left padding in series 1
     values[1, :6] = 0
-    mean, scale = torch.tensor([[0.5], [-1.0]]), torch.tensor([[2.0], [0.7]])
-    parts = timer_s1_loss(pred, [], values, mask, mean, scale, quantiles, stp_weighting=weighting)
+    _, mean, scale = instance_normalize(values[:, :num_pos * p], mask[:, :num_pos * p])
+    out = TimerS1Output(None, None, list(range(num_h)), list(pred.unbind(1)))
+    cfg = LossConfig(tuple(quantiles), p, num_pos * p, num_h - 1, num_blocks=4, stp_weighting=weighting)
+    objective, report = stage_loss(out, values, mask, cfg, LossShare(grad_scale=0.5))
+    parts = LossParts.from_report(report, cfg)
     expected_total, expected_h = _loop_loss(pred, values, mask, mean, scale, quantiles, stp_weights(2, weighting))
+    assert objective.item() == pytest.approx(0.5 * expected_total, rel=1e-5)
     assert parts.ntp.item() == pytest.approx(expected_h[0], rel=1e-5)
     assert [x.item() for x in parts.stp_per_horizon] == pytest.approx(expected_h[1:], rel=1e-5)
     assert parts.total.item() == pytest.approx(expected_total, rel=1e-5)
@@ -145,22 +150,47 @@ def _record(probs, experts, num_experts):
 
 def test_load_balancing_loss_by_hand():
     balanced = _record([[0.75, 0.25], [0.25, 0.75]], [[0], [1]], 2)
-    assert load_balancing_loss([balanced]).item() == pytest.approx(1.0)
+    assert router_losses(balanced, LossShare())[0].item() == pytest.approx(1.0)
     # Both tokens on expert 0: f = [1, 0], P = [0.85, 0.15] -> 2 * 0.85 = 1.7.
     skewed = _record([[0.9, 0.1], [0.8, 0.2]], [[0], [0]], 2)
-    assert load_balancing_loss([skewed]).item() == pytest.approx(1.7)
-    assert load_balancing_loss([balanced, skewed]).item() == pytest.approx(1.35)
+    assert router_losses(skewed, LossShare())[0].item() == pytest.approx(1.7)
+    # z-loss: mean over tokens of logsumexp(log p)^2 = log(1)^2 = 0 for normalised probabilities.
+    assert router_losses(skewed, LossShare())[1].item() == pytest.approx(0.0, abs=1e-12)
+    # Averaged over the model's blocks.
+    out = TimerS1Output(None, None, router_records=[balanced, skewed], block_ids=[0, 1])
+    cfg = LossConfig((0.5,), 2, 2, 0, num_blocks=2, aux_loss_coef=1.0)
+    _, report = stage_loss(out, torch.ones(1, 4), torch.ones(1, 4), cfg)
+    assert LossParts.from_report(report, cfg).aux.item() == pytest.approx(1.35)
+
+
+def test_router_counts_are_summed_over_batch_ranks():
+    """Two ranks holding one token each, both on expert 0: f = [1, 0] over the global batch;
+    each rank's share of P is its own tokens' probabilities over the global token count."""
+    rank0 = _record([[0.9, 0.1]], [[0]], 2)
+    share = LossShare(sum_over_batch_ranks=lambda counts: counts * 2)  # the other rank routed the same
+    aux, _ = router_losses(rank0, share)
+    assert aux.item() == pytest.approx(2 * 1.0 * 0.9 / 2)
 
 
 def test_aux_loss_enters_total_with_coefficient():
-    pred = torch.zeros(1, 1, 1, 1, 2)
-    values = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
-    skewed = _record([[0.9, 0.1], [0.8, 0.2]], [[0], [0]], 2)
-    parts = timer_s1_loss(pred, [skewed], values, torch.ones_like(values), torch.zeros(1, 1), torch.ones(1, 1),
-                          [0.5], aux_loss_coef=0.1)
-    # ntp: pred 0 vs targets 1: pinball 0.5 each, wQL = 2 * 1 / 2 = 1.
-    assert parts.ntp.item() == pytest.approx(1.0)
-    assert parts.total.item() == pytest.approx(1.0 + 0.1 * 1.7)
+    # Context [1, 1] (mean 1), targets [2, 2]; the prediction 0 de-normalises to the mean 1:
+    # pinball 0.5 per point, wQL = 2 * 1 / (|2| + |2|) = 0.5.
+    out = TimerS1Output(None, None, [0], [torch.zeros(1, 1, 1, 2)], [_record([[0.9, 0.1], [0.8, 0.2]], [[0], [0]], 2)],
+                        [0])
+    values = torch.tensor([[1.0, 1.0, 2.0, 2.0]])
+    cfg = LossConfig((0.5,), 2, 2, 0, num_blocks=1, aux_loss_coef=0.1)
+    objective, report = stage_loss(out, values, torch.ones_like(values), cfg)
+    parts = LossParts.from_report(report, cfg)
+    assert parts.ntp.item() == pytest.approx(0.5)
+    assert parts.total.item() == pytest.approx(0.5 + 0.1 * 1.7)
+    assert objective.item() == pytest.approx(0.5 + 0.1 * 1.7)
+
+
+def test_loss_config_rejects_unknown_options():
+    with pytest.raises(ValueError, match="denominator"):
+        LossConfig((0.5,), 2, 2, 0, num_blocks=1, wql_denominator="nope")
+    with pytest.raises(ValueError, match="weighting"):
+        LossConfig((0.5,), 2, 2, 2, num_blocks=1, stp_weighting="nope")
 
 
 def test_series_scale_denominator_is_the_pinball_loss_in_normalised_units():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from timers1.losses import timer_s1_loss
+import dataclasses
+
+from timers1.losses import LossConfig, stage_loss
 from timers1.model import build_model, instance_normalize
 from timers1.model.flops import count_params
 from timers1.model.moe import MoE
@@ -100,12 +102,12 @@ def test_loss_backward_reaches_every_parameter(tiny_config):
     window = torch.randn(4, (8 + 3) * 16, generator=gen).cumsum(-1)
     mask = torch.ones_like(window)
     context = window[:, : 8 * 16]
-    normed, mean, scale = instance_normalize(context, mask[:, : 8 * 16])
+    normed, _, _ = instance_normalize(context, mask[:, : 8 * 16])
     out = model(normed, mask[:, : 8 * 16])
-    parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, window, mask, mean, scale,
-                          tiny_config.model.quantiles, aux_loss_coef=0.02)
-    parts.total.backward()
-    assert torch.isfinite(parts.total)
+    loss_cfg = dataclasses.replace(LossConfig.from_config(tiny_config), context_points=8 * 16, aux_loss_coef=0.02)
+    objective, _ = stage_loss(out, window, mask, loss_cfg)
+    objective.backward()
+    assert torch.isfinite(objective)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
@@ -121,7 +123,7 @@ def test_param_counts_tiny_match_module_tree(tiny_config):
 def test_fully_padded_patches_are_inert_and_gradients_finite(tiny_config):
     """Short series left-padded by whole patches: finite gradients from a fresh init, and the
     padding changes nothing that the real patches predict."""
-    from timers1.losses import window_loss
+    from timers1.parallel import build_engine
 
     model = build_model(tiny_config.model, tiny_config.moe, seed=0).train()
     gen = torch.Generator().manual_seed(0)
@@ -130,11 +132,8 @@ def test_fully_padded_patches_are_inert_and_gradients_finite(tiny_config):
     mask = torch.ones_like(window)
     mask[0, : context - 40] = 0  # 13 whole padded patches plus a partial one
     window = window * mask
-    parts, records = window_loss(model, window, mask, context, tiny_config.model.quantiles,
-                                 aux_loss_coef=0.02, z_loss_coef=0.001)
-    parts.total.backward()
-    for name, p in model.named_parameters():
-        assert torch.isfinite(p.grad).all(), name
+    normed, _, _ = instance_normalize(window[:, :context], mask[:, :context])
+    records = model(normed, mask[:, :context]).router_records
     assert records[0].token_valid_T is not None and int((~records[0].token_valid_T).sum()) == 13
 
     # Predictions at real positions equal those of the same series with its padding dropped.
@@ -143,3 +142,9 @@ def test_fully_padded_patches_are_inert_and_gradients_finite(tiny_config):
     padded = model(normed, mask[:1, :context]).quantiles_BJNQP[:, :, 13:]
     short = model(normed[:, 13 * 16:], mask[:1, 13 * 16: context]).quantiles_BJNQP
     assert torch.allclose(padded, short, atol=1e-5)
+
+    # A training step on the batch (the engine takes the model over: its forward becomes a stage).
+    tiny_config.moe.aux_loss_coef, tiny_config.moe.z_loss_coef = 0.02, 0.001
+    build_engine(model, tiny_config).forward_backward(window, mask)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name

@@ -29,11 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_scenario(scenario: str, nproc: int, tmp_path: Path) -> dict:
-    out = tmp_path / f"{scenario}.json"
+def run_scenario(scenario: str, nproc: int, tmp_path: Path, losses: str = "recipes") -> dict:
+    out = tmp_path / f"{scenario}_{losses}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(HERE / "_parallel_worker.py"), scenario, str(out)]
+           f"--master_port={_free_port()}", str(HERE / "_parallel_worker.py"), scenario, losses, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line or "error" in line]
@@ -41,19 +41,24 @@ def run_scenario(scenario: str, nproc: int, tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("scenario,nproc", [
-    ("fsdp2", 2),
-    ("ep2", 2),
-    ("tp2", 2),
-    ("pp2_1f1b", 2),
-    ("pp2_interleaved", 2),
-    ("tp2_ep2_ac", 2),
-    ("dp2_ep2", 4),
-    ("hsdp2_ep2", 4),
-    ("tp2_pp2", 4),
+@pytest.mark.parametrize("scenario,nproc,losses", [
+    ("fsdp2", 2, "recipes"),
+    ("ep2", 2, "recipes"),
+    ("tp2", 2, "recipes"),
+    ("pp2_1f1b", 2, "recipes"),
+    ("pp2_1f1b", 2, "paper"),
+    ("pp2_interleaved", 2, "recipes"),
+    ("tp2_ep2_ac", 2, "recipes"),
+    ("tp2_ep2_ac", 2, "paper"),
+    ("pp2_ac", 2, "recipes"),
+    ("dp2_ep2", 4, "recipes"),
+    ("hsdp2_ep2", 4, "recipes"),
+    ("tp2_pp2", 4, "recipes"),
 ])
-def test_parity_with_single_process(scenario, nproc, tmp_path):
-    result = run_scenario(scenario, nproc, tmp_path)
+def test_parity_with_single_process(scenario, nproc, losses, tmp_path):
+    """Loss and every gradient equal one process on the global batch, with the recipes' loss
+    options (series_scale, 1/sqrt(j) STP weights, aux and z losses) and with the paper's."""
+    result = run_scenario(scenario, nproc, tmp_path, losses)
     assert result["grad_max_abs_diff"] <= TOL, result
     assert result["loss_abs_diff"] <= TOL, result
     assert result["params_checked"] > 0 and result["state_dict_keys_rank0"] > 0

@@ -21,7 +21,7 @@ def _tiny(tmp_overrides=()):
 
 
 def test_plan_matches_measured_single_process():
-    from timers1.losses import timer_s1_loss
+    from timers1.losses import LossConfig, stage_loss
     from timers1.model import build_model, instance_normalize
 
     torch.set_num_threads(1)
@@ -43,13 +43,12 @@ def test_plan_matches_measured_single_process():
 
     params = {id(p) for p in model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        normed, mean, scale = instance_normalize(values[:, :c], mask[:, :c])
+        normed, _, _ = instance_normalize(values[:, :c], mask[:, :c])
         out = model(normed, mask[:, :c])
-        parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, values, mask, mean, scale,
-                              cfg.model.quantiles, cfg.train.stp_weighting, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
+        objective, _ = stage_loss(out, values, mask, LossConfig.from_config(cfg))
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     act_bytes = sum(n for ptr, n in saved.items() if ptr not in param_ptrs)
-    parts.total.backward()
+    objective.backward()
     opt = torch.optim.AdamW(model.parameters())
     opt.step()
 

@@ -308,14 +308,14 @@ def test_profile_writes_trace(corpus_dir, tmp_path):
 def test_activation_checkpointing_gives_identical_gradients(tiny_config):
     from timers1.config import load_config
     from timers1.model import build_model
-    from timers1.train.engine import LocalEngine
+    from timers1.parallel import build_engine
 
     x = torch.randn(3, 64 + 48, generator=torch.Generator().manual_seed(0)).cumsum(-1)
     grads = []
     for ac in (False, True):
         cfg = load_config(CONFIGS_DIR / "tiny.yaml", ["data.context_points=64", f"parallel.activation_checkpointing={ac}"])
         model = build_model(cfg.model, cfg.moe, seed=0)
-        LocalEngine(model, cfg).forward_backward(x, torch.ones_like(x))
+        build_engine(model, cfg).forward_backward(x, torch.ones_like(x))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
@@ -340,7 +340,7 @@ def test_deepspeed_cpu_adam_matches_torch_adamw(tiny_config):
     """The host-offload optimizer (optional extra) takes the same steps as torch AdamW."""
     pytest.importorskip("deepspeed")
     from timers1.model import build_model
-    from timers1.train.engine import LocalEngine
+    from timers1.parallel import build_engine
     from timers1.train.optim import build_optimizer
 
     x = torch.randn(2, tiny_config.data.context_points + 48, generator=torch.Generator().manual_seed(0)).cumsum(-1)
@@ -348,7 +348,7 @@ def test_deepspeed_cpu_adam_matches_torch_adamw(tiny_config):
     for name in ("adamw", "deepspeed_cpu_adam"):
         tiny_config.train.optimizer = name
         model = build_model(tiny_config.model, tiny_config.moe, seed=0)
-        engine, optimizer = LocalEngine(model, tiny_config), build_optimizer([model], tiny_config.train)
+        engine, optimizer = build_engine(model, tiny_config), build_optimizer([model], tiny_config.train)
         for _ in range(3):
             optimizer.zero_grad()
             engine.forward_backward(x, torch.ones_like(x))

@@ -47,8 +47,6 @@ class ModelConfig:
     """Predicted quantile levels, ascending; the median must be one of them [quantiles]."""
     rope_theta: float = 10000.0
     """RoPE base [rope_theta]."""
-    max_position_embeddings: int = 12800
-    """RoPE table size in patches [max_position_embeddings]; longer inputs extend it."""
     dropout: float = 0.1
     """Dropout in the embedding, head and attention, train mode only [dropout_rate]."""
     init_std: float = 0.02
@@ -266,11 +264,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp}")
 
 
+# Fields that older run directories may still hold; read and ignored so their checkpoints load.
+RETIRED_FIELDS = {
+    "model.max_position_embeddings",  # RoPE tables are computed per call; only the HF format keeps it
+}
+
+
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if f"{path}.{k}" not in RETIRED_FIELDS}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
@@ -371,7 +376,7 @@ def _require(ok: bool, field_path: str, value: Any, why: str) -> None:
 def validate(cfg: Config) -> Config:
     m, moe, d, p, t, c = cfg.model, cfg.moe, cfg.data, cfg.parallel, cfg.train, cfg.checkpoint
     for name in ("patch_points", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                 "max_position_embeddings", "max_context_points"):
+                 "max_context_points"):
         _require(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
     _require(m.num_stp_blocks >= 0, "model.num_stp_blocks", m.num_stp_blocks, "must be >= 0")
     _require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,

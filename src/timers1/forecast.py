@@ -25,6 +25,8 @@ import torch
 from timers1.config import Config
 from timers1.errors import InputError
 from timers1.model import TimerS1, build_model
+from timers1.rundir import (CHECKPOINTS_DIR, RUN_CONFIG, checkpoints_dir, config_file, has_dcp_metadata,
+                            latest_checkpoint, run_dir_of_checkpoint)
 
 
 class ForecastInputError(InputError):
@@ -145,14 +147,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
 
 def _training_checkpoint(path: Path) -> Path | None:
     """A DCP training checkpoint: ``checkpoints/step_N`` itself, or a run dir (its latest one)."""
-    if (path / ".metadata").is_file():
-        return path
-    if (path / "checkpoints").is_dir() and not (path / "model.safetensors").is_file():
-        from timers1.train.checkpoint import latest_checkpoint
+    from timers1.hf import OUR_WEIGHTS
 
-        latest = latest_checkpoint(path / "checkpoints")
+    if has_dcp_metadata(path):
+        return path
+    if checkpoints_dir(path).is_dir() and not (path / OUR_WEIGHTS).is_file():
+        latest = latest_checkpoint(checkpoints_dir(path))
         if latest is None:
-            raise FileNotFoundError(f"run directory {path} has no complete checkpoint under checkpoints/")
+            raise FileNotFoundError(f"run directory {path} has no complete checkpoint under {CHECKPOINTS_DIR}/")
         return latest
     return None
 
@@ -163,10 +165,11 @@ def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
 
     from timers1.hf import CheckpointFormatError, read_config_file
 
-    config_file = step_dir.parent.parent / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointFormatError(f"{step_dir}: no config.yaml in the run directory {step_dir.parent.parent}")
-    cfg = read_config_file(config_file)
+    run_dir = run_dir_of_checkpoint(step_dir)
+    run_config = config_file(run_dir)
+    if not run_config.is_file():
+        raise CheckpointFormatError(f"{step_dir}: no {RUN_CONFIG} in the run directory {run_dir}")
+    cfg = read_config_file(run_config)
     # Allocated but not initialised: every value comes from the checkpoint (random init of an
     # 8.3B model would cost minutes for nothing).
     model = build_model(cfg.model, cfg.moe, device="meta").to_empty(device="cpu")

@@ -28,14 +28,15 @@ HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
 OUR_CONFIG = "config.yaml"
 OUR_WEIGHTS = "model.safetensors"
+HF_MAX_POSITION_EMBEDDINGS = 12800  # the released checkpoints' value
 
 # Keys inside one TimeMoE block (released name -> ours). Experts are handled separately.
 _BLOCK_KEYS = {
     "norm1.weight": "attention_norm.weight",
     "norm2.weight": "moe_norm.weight",
     "ffn_layer.gate.weight": "moe.router.weight",
-    "self_attn.q_scale": "attention.q_scale",
-    "self_attn.k_scale": "attention.k_scale",
+    "self_attn.q_scale": "attention.q_norm.weight",
+    "self_attn.k_scale": "attention.k_norm.weight",
     "self_attn.o_proj.weight": "attention.o_proj.weight",
     **{f"self_attn.{p}_proj.{w}": f"attention.{p}_proj.{w}" for p in ("q", "k", "v", "gate") for w in ("weight", "bias")},
 }
@@ -83,7 +84,6 @@ def model_config_from_hf(hf: dict, source: str = HF_CONFIG) -> tuple[ModelConfig
         intermediate_size=int(get("intermediate_size")),
         quantiles=[float(q) for q in get("quantiles")],
         rope_theta=float(get("rope_theta", 10000.0)),
-        max_position_embeddings=int(get("max_position_embeddings", 12800)),
         dropout=float(get("dropout_rate", 0.1)),
         init_std=float(get("initializer_range", 0.02)),
     )
@@ -106,7 +106,9 @@ def model_config_to_hf(model: ModelConfig, moe: MoEConfig, dtype: torch.dtype = 
         "rope_theta": model.rope_theta,
         "dropout_rate": model.dropout,
         "initializer_range": model.init_std,
-        "max_position_embeddings": model.max_position_embeddings,
+        # The released code sizes its RoPE cache from this (and extends it for longer inputs);
+        # our model computes the tables per call, so only the file format keeps the field.
+        "max_position_embeddings": HF_MAX_POSITION_EMBEDDINGS,
         "quantiles": list(model.quantiles),
         "num_experts": moe.num_experts,
         "num_experts_per_token": moe.top_k,

@@ -12,12 +12,10 @@ Prefix fraction (``min_prefix_fraction``, 0 = off): the window is normalised wit
 of its whole observed context, so an early position's input already encodes where the series
 goes later (its mean and spread): the model learns "revert towards the window mean" there. At
 inference a short series is normalised over exactly the points the model sees, and that lesson
-turns into a forecast pulled back to the context mean (trending yearly and monthly series
-suffered most). Scoring only positions whose observed prefix covers at least this fraction of
-the window's observed context keeps the leak small; windows truncated by the loader
-(``data.truncate_probability``) then teach short contexts with their own statistics. Measured
-on the small CPU model (README, trials E vs F): no gain beyond noise once the denominator is
-``series_scale``, so the recipes leave it off.
+turns into a forecast pulled back to the context mean. Scoring only positions whose observed
+prefix covers at least this fraction of the window's observed context keeps the leak small;
+windows truncated by the loader (``data.truncate_probability``) then teach short contexts with
+their own statistics. (What it measured: README, results.)
 
 Per-patch loss (paper 3.3), on de-normalized values:
   ``wQL_q = 2 * sum_t pinball_q(x_t, xhat_t) / denom``, averaged over the Q quantiles, where
@@ -35,15 +33,34 @@ Denominator ``series_scale`` (``train.wql_denominator``; the paper's is ``abs_ta
 weight proportional to std/level of its series, so a series far from zero (births, hospital
 admissions, electricity load: most real data) weighs tens of times less than a zero-centred
 synthetic one, and a model trained on mostly synthetic data learns little about the former.
+
+The objective (``stage_loss``, the one place the terms are combined)::
+
+    L = L_NTP + (1/H) sum_j w_j L_STP,j + aux_coef * mean_b aux_b + z_coef * mean_b z_b
+
+with w_j = 1 (pre-training) or 1/sqrt(j) (CPT), aux_b the Switch load-balancing loss and z_b
+the router z-loss of MoE block b. Every term is a sum over horizons or blocks, so the loss of a
+whole model is the sum of the losses of its pipeline stages: a stage scores the horizons it
+predicts and the blocks it runs, with the same function.
+
+Router losses are taken over the **global microbatch**: tokens-per-expert counts are summed
+over every rank that holds other tokens of the same stage (dp x tp, through
+``LossShare.sum_over_batch_ranks``), so f_e is the fraction over the whole microbatch, exactly
+as one process computes it on the concatenated batch. The probability term P_e and the z-loss
+are linear in the tokens, so each rank adds its share ``sum_t p_te / T_total``; their gradient
+is multiplied by dp because data parallelism averages gradients over the dp ranks (the tp
+ranks' shares are summed, by DTensor or the expert mesh).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from timers1.model import instance_normalize
 from timers1.model.moe import RouterRecord
 
 WQL_DENOMINATOR_FLOOR = 0.1
@@ -122,28 +139,124 @@ def valid_router_tokens(record: RouterRecord) -> tuple[torch.Tensor, torch.Tenso
     return routing.probs_TE[keep], routing.experts_TK[keep], record.logits_TE[keep]
 
 
-def load_balancing_loss(records: list[RouterRecord]) -> torch.Tensor:
-    """Switch loss ``E * sum_e f_e * P_e`` per MoE block, averaged over blocks (1.0 when balanced).
+@dataclass(frozen=True)
+class LossConfig:
+    """Every option of the objective, built once from the run config (``from_config``)."""
 
-    f_e (fraction of the T*K routed slots on expert e) carries no gradient; P_e (mean router
-    probability of e) does. Fully padded tokens are left out: they are not data, and a
-    gradient into them is what the padding attention mask exists to prevent.
+    quantiles: tuple[float, ...]
+    patch_points: int
+    context_points: int
+    num_stp_blocks: int
+    num_blocks: int
+    """MoE blocks in the whole model (L + H): router losses are averaged over them."""
+    stp_weighting: str = "uniform"
+    wql_denominator: str = "abs_target"
+    min_prefix_fraction: float = 0.0
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.wql_denominator not in WQL_DENOMINATORS:
+            raise ValueError(f"wQL denominator {self.wql_denominator!r}: expected one of {WQL_DENOMINATORS}")
+        stp_weights(self.num_stp_blocks, self.stp_weighting)  # raises on an unknown weighting
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossConfig":
+        m, t = cfg.model, cfg.train
+        return cls(tuple(m.quantiles), m.patch_points, cfg.data.context_points, m.num_stp_blocks,
+                   m.num_layers + m.num_stp_blocks, t.stp_weighting, t.wql_denominator, t.min_prefix_fraction,
+                   cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
+
+    def horizon_weight(self, j: int) -> float:
+        """Weight of horizon j in the objective: 1 for NTP, w_j / H for STP block j."""
+        if j == 0:
+            return 1.0
+        return stp_weights(self.num_stp_blocks, self.stp_weighting)[j - 1] / self.num_stp_blocks
+
+    @property
+    def report_size(self) -> int:
+        """Layout of a loss report: [total][horizon 0..H][sum of aux over blocks][sum of z over blocks]."""
+        return self.num_stp_blocks + 4
+
+
+@dataclass
+class LossShare:
+    """What part of the global step one call of ``stage_loss`` sees (all 1 in one process)."""
+
+    dp: int = 1
+    """Data-parallel ranks: gradients are averaged over them."""
+    tp: int = 1
+    """Tensor-parallel ranks: each computes the same horizon losses on gathered predictions."""
+    num_microbatches: int = 1
+    grad_scale: float = 1.0
+    """Multiplies the objective's gradient (1 / gradient-accumulation steps)."""
+    sum_over_batch_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Sums a tensor over the ranks holding other tokens of this stage (dp x tp); None: no others."""
+
+
+def router_losses(record: RouterRecord, share: LossShare) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the Switch aux loss ``E * sum_e f_e * P_e`` and of the z-loss of one block.
+
+    f_e (fraction of the routed slots on expert e, over the global microbatch) carries no
+    gradient; P_e (mean router probability of e) does. Fully padded tokens are left out: they
+    are not data, and a gradient into them is what the padding attention mask exists to prevent.
     """
-    losses = []
-    for record in records:
-        probs_TE, experts_TK, _ = valid_router_tokens(record)
-        num_experts = probs_TE.shape[-1]
-        counts = torch.bincount(experts_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
-        fraction_E = counts / counts.sum().clamp_min(1.0)
-        losses.append(num_experts * (fraction_E * probs_TE.mean(dim=0)).sum())
-    return torch.stack(losses).mean() if losses else torch.zeros(())
+    probs_TE, experts_TK, logits_TE = valid_router_tokens(record)
+    num_experts, top_k = probs_TE.shape[-1], experts_TK.shape[-1]
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts).to(torch.float32)
+    if share.sum_over_batch_ranks is not None:
+        counts_E = share.sum_over_batch_ranks(counts_E)
+    total_slots = counts_E.sum().clamp_min(1.0)
+    total_tokens = total_slots / top_k
+    aux = num_experts * (counts_E / total_slots * probs_TE.float().sum(dim=0)).sum() / total_tokens
+    z = torch.logsumexp(logits_TE.float(), dim=-1).pow(2).sum() / total_tokens
+    return aux, z
 
 
-def router_z_loss(records: list[RouterRecord]) -> torch.Tensor:
-    """Mean over tokens and blocks of logsumexp(router logits)^2 (ST-MoE); padding left out."""
-    if not records:
-        return torch.zeros(())
-    return torch.stack([torch.logsumexp(valid_router_tokens(r)[2].float(), dim=-1).pow(2).mean() for r in records]).mean()
+def stage_loss(out, values_BW: torch.Tensor, mask_BW: torch.Tensor, cfg: LossConfig,
+               share: LossShare = LossShare()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective of one forward (a whole model or a pipeline stage) and its loss report.
+
+    ``out`` is the model's ``TimerS1Output`` (its predictions plain tensors); ``values_BW`` and
+    ``mask_BW`` the raw windows: the first ``cfg.context_points`` points are the input, the rest
+    the targets. Returns (objective scaled by ``share.grad_scale``, for backward; report
+    [``cfg.report_size``] float64, detached), where report entries are this rank's share of the
+    step's mean: summed over every rank and microbatch they give the losses one process would
+    log for the global batch (``LossParts.from_report``).
+    """
+    report = torch.zeros(cfg.report_size, dtype=torch.float64, device=values_BW.device)
+    objective = values_BW.new_zeros((), dtype=torch.float32)
+    if out.predictions:
+        context = cfg.context_points
+        _, mean_B1, scale_B1 = instance_normalize(values_BW[:, :context], mask_BW[:, :context])
+        num_positions = out.predictions[0].shape[1]
+        target, target_mask = target_patches(values_BW, mask_BW, cfg.patch_points, num_positions,
+                                             max(out.horizons) + 1, cfg.min_prefix_fraction)
+        q = torch.tensor(cfg.quantiles, device=values_BW.device)
+        for j, pred_BNQP in zip(out.horizons, out.predictions):
+            pred = (pred_BNQP * scale_B1.view(-1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1)).unsqueeze(1)
+            wql_B1N, valid_B1N = weighted_quantile_loss(
+                pred, target[:, j:j + 1].to(pred.dtype), target_mask[:, j:j + 1].to(pred.dtype), q,
+                scale_B1.view(-1).to(pred.dtype), cfg.wql_denominator)
+            loss_j = masked_mean(wql_B1N[:, 0], valid_B1N[:, 0])
+            objective = objective + cfg.horizon_weight(j) * loss_j
+            report[1 + j] = loss_j.detach().double() / (share.dp * share.tp * share.num_microbatches)
+            report[0] += cfg.horizon_weight(j) * report[1 + j]
+    if (cfg.aux_loss_coef > 0 or cfg.z_loss_coef > 0) and out.router_records:
+        # dp: undo the data-parallel gradient average for terms that are already global sums.
+        router_weight = share.dp / cfg.num_blocks
+        for record in out.router_records:
+            aux, z = router_losses(record, share)
+            objective = objective + router_weight * (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z)
+            aux, z = aux.detach().double() / share.num_microbatches, z.detach().double() / share.num_microbatches
+            report[-2] += aux
+            report[-1] += z
+            report[0] += (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z) / cfg.num_blocks
+    return objective * share.grad_scale, report
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return (values * valid).sum() / valid.sum().clamp_min(1)
 
 
 @dataclass
@@ -153,6 +266,14 @@ class LossParts:
     stp_per_horizon: list[torch.Tensor] = field(default_factory=list)
     aux: torch.Tensor | None = None
     z: torch.Tensor | None = None
+
+    @classmethod
+    def from_report(cls, report: torch.Tensor, cfg: LossConfig) -> "LossParts":
+        """The logged losses from a report summed over ranks and microbatches (see ``stage_loss``)."""
+        per_horizon = list(report[1:cfg.num_stp_blocks + 2])
+        aux = report[-2] / cfg.num_blocks if cfg.aux_loss_coef > 0 else None
+        z = report[-1] / cfg.num_blocks if cfg.z_loss_coef > 0 else None
+        return cls(report[0], per_horizon[0], per_horizon[1:], aux, z)
 
     def as_floats(self) -> dict[str, float]:
         out = {"loss": self.total.item(), "loss_ntp": self.ntp.item()}
@@ -168,65 +289,3 @@ class LossParts:
         return out
 
 
-def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return (values * valid).sum() / valid.sum().clamp_min(1)
-
-
-def timer_s1_loss(
-    pred_BJNQP: torch.Tensor,
-    records: list[RouterRecord],
-    values_BW: torch.Tensor,
-    mask_BW: torch.Tensor,
-    mean_B1: torch.Tensor,
-    scale_B1: torch.Tensor,
-    quantiles: list[float],
-    stp_weighting: str = "uniform",
-    aux_loss_coef: float = 0.0,
-    z_loss_coef: float = 0.0,
-    min_prefix_fraction: float = 0.0,
-    wql_denominator: str = "abs_target",
-) -> LossParts:
-    """``L = L_NTP + (1/H) sum_j w_j L_STP,j + alpha * L_aux (+ z-loss)``.
-
-    ``pred_BJNQP`` is in normalized units (as the model emits it); it is de-normalized with the
-    context's mean and scale before the loss, as the paper computes wQL on raw values.
-    """
-    batch, num_horizons, context_patches, _, patch_points = pred_BJNQP.shape
-    target, target_mask = target_patches(values_BW, mask_BW, patch_points, context_patches, num_horizons,
-                                         min_prefix_fraction)
-    pred = pred_BJNQP * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
-    q = torch.tensor(quantiles, device=pred.device)
-    wql_BJN, valid_BJN = weighted_quantile_loss(pred, target.to(pred.dtype), target_mask.to(pred.dtype), q,
-                                                scale_B1.view(-1).to(pred.dtype), wql_denominator)
-    per_horizon = [masked_mean(wql_BJN[:, j], valid_BJN[:, j]) for j in range(num_horizons)]
-    ntp, stp = per_horizon[0], per_horizon[1:]
-    total = ntp
-    if stp:
-        weights = stp_weights(len(stp), stp_weighting)
-        total = total + sum(w * l for w, l in zip(weights, stp)) / len(stp)
-    aux = z = None
-    if aux_loss_coef > 0 and records:
-        aux = load_balancing_loss(records)
-        total = total + aux_loss_coef * aux
-    if z_loss_coef > 0 and records:
-        z = router_z_loss(records)
-        total = total + z_loss_coef * z
-    return LossParts(total, ntp, stp, aux, z)
-
-
-def window_loss(model, values_BW: torch.Tensor, mask_BW: torch.Tensor, context_points: int, quantiles: list[float],
-                stp_weighting: str = "uniform", aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0,
-                min_prefix_fraction: float = 0.0, wql_denominator: str = "abs_target"):
-    """Normalize the context, run the model, score every horizon: the whole single-device step.
-
-    Returns (LossParts, router records). The window holds the context followed by the future
-    points that supervise the last positions (see the module docstring).
-    """
-    from timers1.model import instance_normalize
-
-    context, context_mask = values_BW[:, :context_points], mask_BW[:, :context_points]
-    normed, mean, scale = instance_normalize(context, context_mask)
-    out = model(normed, context_mask)
-    parts = timer_s1_loss(out.quantiles_BJNQP, out.router_records, values_BW, mask_BW, mean, scale, quantiles,
-                          stp_weighting, aux_loss_coef, z_loss_coef, min_prefix_fraction, wql_denominator)
-    return parts, out.router_records

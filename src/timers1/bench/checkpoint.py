@@ -55,7 +55,7 @@ def run(args) -> int:
     from timers1.config import load_config
     from timers1.model import build_model
     from timers1.train.checkpoint import CheckpointManager
-    from timers1.train.engine import LocalEngine
+    from timers1.parallel.engine import build_engine
     from timers1.train.optim import build_optimizer
 
     root = Path(tempfile.mkdtemp(prefix="timers1-bench-ckpt-", dir=args.dir))
@@ -84,7 +84,7 @@ def run(args) -> int:
         # --- async overhead on real training steps
         cfg = load_config(args.config)
         model = build_model(cfg.model, cfg.moe)
-        engine = LocalEngine(model, cfg)
+        engine = build_engine(model, cfg, world_size=1)
         optimizer = build_optimizer([model], cfg.train)
         width = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
         values = torch.randn(cfg.train.batch_size, width).cumsum(-1)

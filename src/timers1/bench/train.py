@@ -28,26 +28,22 @@ def run(args) -> int:
     from timers1.config import load_config
     from timers1.model import build_model
     from timers1.model.flops import train_flops_per_patch
-    from timers1.train.engine import LocalEngine
+    from timers1.parallel.engine import build_engine
     from timers1.train.metrics import measure_peak_tflops
     from timers1.train.optim import build_optimizer
 
     cfg = load_config(args.config, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model, cfg.moe, device=device)
-    engine = LocalEngine(model, cfg)
+    engine = build_engine(model, cfg, world_size=1, device=device)
     optimizer = build_optimizer([model], cfg.train)
     width = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(cfg.train.batch_size, width, generator=gen).cumsum(-1).to(device)
     mask = torch.ones_like(values)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            engine.forward_backward(values, mask)
+        engine.forward_backward(values, mask)
         engine.clip_grad_norm(cfg.train.grad_clip_norm or float("inf"))
         optimizer.step()
         if device.type == "cuda":

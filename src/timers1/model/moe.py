@@ -4,9 +4,9 @@ The layer is three phases, each a call into ``timers1.kernels``:
   1. route: fp32 softmax over E, top-k (no renormalization in Timer-S1), counts, the
      permutation that groups routed slots by expert;
   2. experts: ``self.experts(x_SD, tokens_per_expert_E)`` on slots already grouped by expert.
-     This module call is **the seam**: expert parallelism wraps it from outside with an
-     all-to-all dispatch/combine (it sees grouped tokens and counts, nothing else), and a
-     faster kernel replaces what runs inside it;
+     This module call is **the seam**: expert parallelism hooks an all-to-all dispatch onto
+     its input and the matching combine onto its output, from outside (it sees grouped tokens
+     and counts, nothing else), and a faster kernel replaces what runs inside it;
   3. unpermute: weighted sum of each token's K expert outputs, back in token order.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from timers1.kernels import Routing, permute, route, swiglu_experts, unpermute
 
@@ -41,9 +42,13 @@ class GroupedExperts(nn.Module):
         self.w_down_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, expert_hidden))
 
     def forward(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return swiglu_experts(
-            x_SD, tokens_per_expert_E, self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF, backend=self.backend
-        )
+        # Under expert parallelism the weights are DTensors sharded over experts, and the rows
+        # that reach this call are already those of this rank's experts: the local shard is the
+        # whole computation. (torchtitan's GroupedExperts does the same: the variable-size row
+        # groups cannot be expressed as DTensors.)
+        w_gate_EFD, w_up_EFD, w_down_EDF = (w.to_local() if isinstance(w, DTensor) else w
+                                            for w in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF))
+        return swiglu_experts(x_SD, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, backend=self.backend)
 
 
 class MoE(nn.Module):

@@ -7,9 +7,10 @@ Two entry points share every module:
     last position, skipping the STP blocks the horizon does not need.
 
 The model sees already-normalized values (see ``instance_normalize``); it knows nothing of
-process groups. Parallelism is applied from outside by ``timers1.parallel``; the stage
-methods (``embed_patches``, ``main_stack``, ``stp_stack``) are the seams pipeline parallelism
-splits along, and modules a stage does not own may be ``None`` / removed.
+process groups. Parallelism is applied from outside by ``timers1.parallel``. A pipeline stage is
+this same module with the units it does not own removed (``embed``/``norm`` set to ``None``,
+blocks deleted from the ModuleDicts, as torchtitan does): ``forward`` runs whatever is left, so
+the stage and the whole model share one forward.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from timers1.config import ModelConfig, MoEConfig
+from timers1.model.attention import HeadRMSNorm
 from timers1.model.block import TimeMoEBlock, TimeSTPBlock
 from timers1.model.layers import ResidualMLP, RMSNorm, rope_cos_sin
 from timers1.model.moe import RouterRecord
@@ -72,12 +74,25 @@ def padding_masks(mask_BL: torch.Tensor, patch_points: int) -> tuple[torch.Tenso
 
 @dataclass
 class TimerS1Output:
-    """Training forward output (normalized units)."""
+    """Training forward output of the units a module holds (normalized units)."""
 
-    quantiles_BJNQP: torch.Tensor
-    """Predictions: J = 1 + H horizons (j = 0 is the main stack's next patch), N positions."""
+    h_BND: torch.Tensor
+    """Hidden state after the last unit (what the next pipeline stage continues from)."""
+    h0_BND: torch.Tensor | None
+    """Patch embeddings, which every STP block consumes (None without STP blocks)."""
+    horizons: list[int] = field(default_factory=list)
+    """Horizon of each prediction: 0 for the main stack's next patch, j for STP block j."""
+    predictions: list[torch.Tensor] = field(default_factory=list)
+    """Quantiles [B, N, Q, P] per horizon in ``horizons``."""
     router_records: list[RouterRecord] = field(default_factory=list)
-    """One per MoE block, main blocks first then STP blocks."""
+    """One per MoE block run, main blocks first then STP blocks."""
+    block_ids: list[int] = field(default_factory=list)
+    """Global index (0..L+H-1) of the block behind each router record."""
+
+    @property
+    def quantiles_BJNQP(self) -> torch.Tensor:
+        """All predictions stacked: J horizons in the order they were made."""
+        return torch.stack(self.predictions, dim=1)
 
 
 class TimerS1(nn.Module):
@@ -117,10 +132,11 @@ class TimerS1(nn.Module):
     def main_stack(self, h_BND: torch.Tensor, rope, records: list[RouterRecord],
                    attn_mask_B1NN: torch.Tensor | None = None, token_valid_BN: torch.Tensor | None = None
                    ) -> torch.Tensor:
+        """The TimeMoE blocks this module holds (the final norm is the caller's)."""
         for layer in self.layers.values():
             h_BND, record = layer(h_BND, rope, attn_mask_B1NN, token_valid_BN)
             records.append(record)
-        return self.norm(h_BND) if self.norm is not None else h_BND
+        return h_BND
 
     def head_quantiles(self, h_BND: torch.Tensor) -> torch.Tensor:
         """[B, N, D] -> [B, N, Q, P]; the released head's output is quantile-major."""
@@ -128,20 +144,34 @@ class TimerS1(nn.Module):
         return out.view(*h_BND.shape[:-1], self.num_quantiles, self.model_cfg.patch_points)
 
     # ----------------------------------------------------------------------------- training
-    def forward(self, values_BL: torch.Tensor, mask_BL: torch.Tensor, num_stp_blocks: int | None = None) -> TimerS1Output:
-        """Dense training forward over normalized values; see the module docstring."""
-        h0 = self.embed_patches(values_BL, mask_BL)
-        rope = self.rope(h0.shape[1], h0)
-        attn_mask, token_valid = padding_masks(mask_BL, self.model_cfg.patch_points)
+    def forward(self, x: torch.Tensor, mask_BL: torch.Tensor, h0_BND: torch.Tensor | None = None) -> TimerS1Output:
+        """Dense training forward of the units this module holds.
+
+        With the patch embedding (the whole model, or the first pipeline stage) ``x`` is the
+        normalized context [B, L]; without it ``x`` is the hidden state [B, N, D] the previous
+        stage handed over, and ``h0_BND`` its patch embeddings. ``mask_BL`` is the context's
+        observation mask in either case: padding masks and RoPE positions come from it.
+        """
+        cfg = self.model_cfg
+        if self.embed is not None:
+            h0_BND = x = self.embed_patches(x, mask_BL)
+        rope = self.rope(mask_BL.shape[1] // cfg.patch_points, x)
+        attn_mask, token_valid = padding_masks(mask_BL, cfg.patch_points)
         records: list[RouterRecord] = []
-        h = self.main_stack(h0, rope, records, attn_mask, token_valid)
-        predictions = [self.head_quantiles(h)]
-        stp = list(self.stp_blocks.values())
-        for block in stp[: len(stp) if num_stp_blocks is None else num_stp_blocks]:
-            h, record = block(h, h0, rope, attn_mask, token_valid)
-            records.append(record)
+        horizons, predictions = [], []
+        h = self.main_stack(x, rope, records, attn_mask, token_valid)
+        block_ids = [int(name) for name in self.layers]
+        if self.norm is not None:  # the main stack ends in this module: it predicts horizon 0
+            h = self.norm(h)
+            horizons.append(0)
             predictions.append(self.head_quantiles(h))
-        return TimerS1Output(torch.stack(predictions, dim=1), records)
+        for name, block in self.stp_blocks.items():
+            h, record = block(h, h0_BND, rope, attn_mask, token_valid)
+            records.append(record)
+            block_ids.append(cfg.num_layers + int(name))
+            horizons.append(int(name) + 1)
+            predictions.append(self.head_quantiles(h))
+        return TimerS1Output(h, h0_BND if cfg.num_stp_blocks else None, horizons, predictions, records, block_ids)
 
     # ----------------------------------------------------------------------------- inference
     @property
@@ -157,7 +187,7 @@ class TimerS1(nn.Module):
         h0 = self.embed_patches(values_BL, mask_BL)
         rope = self.rope(h0.shape[1], h0)
         records: list[RouterRecord] = []
-        h = self.main_stack(h0, rope, records)
+        h = self.norm(self.main_stack(h0, rope, records))
         pieces = [self.head_quantiles(h[:, -1:])[:, 0]]
         # Only the blocks the horizon reaches run: block j predicts points [j*P, (j+1)*P).
         for block in list(self.stp_blocks.values())[: math.ceil(num_points / p) - 1]:
@@ -166,25 +196,19 @@ class TimerS1(nn.Module):
         return torch.cat(pieces, dim=-1)[..., :num_points]
 
 
-def expert_hidden(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> int:
-    return model_cfg.intermediate_size // moe_cfg.top_k
-
-
 @torch.no_grad()
 def init_weights(model: nn.Module, std: float) -> None:
-    """normal(0, std) for Linear and expert weights, zero biases, ones for norms and QK scales."""
+    """normal(0, std) for Linear and expert weights, zero biases, ones for norms (QK-norms too)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, (RMSNorm, HeadRMSNorm)):
             module.reset_parameters()
     for name, param in model.named_parameters():
         if name.endswith(("w_gate_EFD", "w_up_EFD", "w_down_EDF")):
             nn.init.normal_(param, 0.0, std)
-        elif name.endswith(("q_scale", "k_scale")):
-            nn.init.ones_(param)
 
 
 def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> TimerS1:

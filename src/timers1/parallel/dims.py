@@ -164,6 +164,8 @@ class ParallelDims:
     @property
     def dp_rank(self) -> int:
         """Index of this rank's data shard in [0, dp): the trainer loads batch shard dp_rank."""
+        if self.world_size == 1:
+            return 0
         d = self._meshes["dense"]
         return d["dp_replicate"].get_local_rank() * self.dp_shard + d["dp_shard"].get_local_rank()
 

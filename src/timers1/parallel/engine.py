@@ -1,177 +1,305 @@
-"""The training engine: one object that hides whether the model is pipelined or not.
+"""The training engine: one class drives forward + backward of a step for every layout.
 
-    engine = build_engine(model, dims, cfg)          # cfg: timers1.config.Config
-    parts = engine.forward_backward(values_BW, mask_BW, grad_scale=1.0)   # -> LossParts
-    engine.model_parts                               # list[nn.Module] for optimizer and DCP
+    engine = build_engine(model, cfg, world_size, device)   # split (PP) -> TP -> EP -> AC -> FSDP
+    result = engine.forward_backward(values_BW, mask_BW, grad_scale=1 / grad_accum)  # StepResult
+    grad_norm = engine.clip_grad_norm(max_norm)
+    engine.model_parts                                       # for the optimizer and DCP
 
-See ``timers1.parallel`` (the package docstring) for the full contract.
+One process is the 1x1x1x1 layout of the same engine: nothing is split or sharded, no
+collective runs, and the step is the same code. The model never computes a loss: every model
+part gets two stage hooks (``_StageHooks``) that turn it into one stage of the step. The input
+hook receives the raw windows (or, past the first pipeline stage, the hidden states plus the
+windows) and hands the model its arguments; the output hook scores what the part predicted with
+the one loss function (``timers1.losses.stage_loss``), and returns the loss (last stage) or the
+tensors the next stage needs, with this stage's loss terms attached to them (``AttachLoss``).
+Without PP the engine calls the single part and runs backward on its loss; with PP the
+torch.distributed.pipelining schedule does both, microbatch by microbatch.
+
+bf16 autocast (``train.precision``), gradient-norm clipping and expert-load counting live here,
+once. Losses come back identical on every rank: the mean over dp ranks and microbatches of the
+per-batch loss, router losses over the global microbatch (``timers1.losses`` explains the
+shares each rank contributes).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, replace
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from timers1.config import Config
-from timers1.losses import LossParts, stp_weights
+from timers1.losses import LossConfig, LossParts, LossShare, stage_loss
 from timers1.model.timer_s1 import TimerS1, init_weights, instance_normalize
 from timers1.parallel.dims import LayoutError, ParallelDims
-from timers1.parallel.losses import StepContext
 from timers1.parallel.parallelize import parallelize
 from timers1.parallel.pipeline import build_schedule, make_stage, split_units
 
 
-def _param_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+@dataclass
+class StepResult:
+    loss_floats: dict[str, float]
+    """Loss parts of this call (unscaled), identical on every rank."""
+    tokens_per_expert_LE: torch.Tensor
+    """Routed slots per expert for every MoE block (int64, [L + H, E]) on this rank."""
+
+
+class AttachLoss(torch.autograd.Function):
+    """Identity on ``x``; in backward gives ``loss`` the gradient 1.
+
+    Megatron's ``MoEAuxLossAutoScaler`` trick: a pipeline stage that is not the last one sends
+    only activations, so the gradient of its own loss terms rides on the activations' backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        # A copy, not a view: FSDP hooks the stage's outputs for its backward, and a view's
+        # hook is lost under any in-place op (the copy is one activation per stage boundary).
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        shape, dtype, device = ctx.loss_meta
+        return grad_x, torch.ones(shape, dtype=dtype, device=device)
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """bf16 compute: asked for, or 'auto' on a GPU."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
+def _local(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+class _StageHooks:
+    """Forward hooks that make one model part one stage of the step (see the module docstring)."""
+
+    def __init__(self, engine: "Engine", is_first: bool, is_last: bool):
+        self.engine, self.is_first, self.is_last = engine, is_first, is_last
+        self._window: tuple[torch.Tensor, torch.Tensor] | None = None  # from the input hook to the output hook
+
+    def model_inputs(self, _part, args):
+        """(values_BW, mask_BW) or (h, [h0,] values_BW, mask_BW) -> the model's (x, mask_BL, h0)."""
+        *activations, values_BW, mask_BW = args
+        self._window = (values_BW, mask_BW)
+        context = self.engine.loss_cfg.context_points
+        context_mask = mask_BW[:, :context]
+        if self.is_first:
+            normed, _, _ = instance_normalize(values_BW[:, :context], context_mask)
+            return normed, context_mask
+        h, h0 = (activations + [None])[:2]
+        return self.engine.sequence_sharded(h), context_mask, self.engine.sequence_sharded(h0)
+
+    def stage_outputs(self, _part, _args, out):
+        """Score the part's predictions and routing; return its loss or what the next stage needs."""
+        engine = self.engine
+        values_BW, mask_BW = self._window
+        self._window = None
+        # Under TP each rank scores the gathered predictions (cheap); the backward of
+        # full_tensor hands every rank the gradient of its own positions only.
+        out = replace(out, predictions=[p.full_tensor() if isinstance(p, DTensor) else p for p in out.predictions])
+        objective, report = stage_loss(out, values_BW, mask_BW, engine.loss_cfg, engine.share)
+        engine.report += report
+        for block_id, record in zip(out.block_ids, out.router_records):
+            engine.tokens_per_expert_LE[block_id] += record.routing.tokens_per_expert_E.detach()
+        if self.is_last:
+            # [1]: the pipeline schedule concatenates microbatches (a copy: see AttachLoss).
+            return objective.reshape(1).clone()
+        h = AttachLoss.apply(_local(out.h_BND), objective)
+        if out.h0_BND is None:
+            return h, values_BW, mask_BW
+        # A fresh tensor even when this stage passes h0 through untouched (see AttachLoss).
+        return h, _local(out.h0_BND).clone(), values_BW, mask_BW
 
 
 class Engine:
-    """Forward + backward of one (global) batch over whatever layout ``dims`` describes."""
+    """Forward + backward of one batch over whatever layout ``dims`` describes (1x1x1x1 included)."""
 
-    def __init__(self, model_parts, dims: ParallelDims, cfg: Config, ctx: StepContext, device, stage_ids):
-        self.model_parts: list[nn.Module] = model_parts
+    def __init__(self, model_parts: list[nn.Module], stage_ids: list[int], num_stages: int, dims: ParallelDims,
+                 cfg: Config, device: torch.device):
+        self.model_parts = model_parts
         self.dims = dims
         self.cfg = cfg
-        self.ctx = ctx
         self.device = device
-        self.stage_ids = stage_ids
-        self.pipelined = dims.pp > 1
+        self.dp_rank, self.dp_size = dims.dp_rank, dims.dp
+        self.loss_cfg = LossConfig.from_config(cfg)
+        batch_mesh = dims.mesh("batch") if dims.world_size > 1 else None
+        self.share = LossShare(dp=dims.dp, tp=dims.tp, sum_over_batch_ranks=(
+            self._sum_over(batch_mesh.get_group()) if batch_mesh is not None and batch_mesh.size() > 1 else None))
+        self._tp_mesh = dims.mesh("tp") if dims.tp > 1 else None
+        self._pp_group = dims.mesh("pp").get_group() if dims.pp > 1 else None
+        self._stage_ids, self._num_stages = stage_ids, num_stages
         self._schedules: dict = {}
+        self.report = torch.zeros(self.loss_cfg.report_size, dtype=torch.float64, device=device)
+        self.tokens_per_expert_LE = torch.zeros(self.loss_cfg.num_blocks, cfg.moe.num_experts, dtype=torch.int64,
+                                                device=device)
+        # The router softmax and every kernel accumulate in fp32 inside.
+        self._autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg, device)
+                          else contextlib.nullcontext())
+        for part, sid in zip(model_parts, stage_ids):
+            hooks = _StageHooks(self, sid == 0, sid == num_stages - 1)
+            # prepend: before FSDP's root hooks, so FSDP casts the model's inputs (not the raw
+            # windows the loss needs) and registers its backward hooks on the tensors we return.
+            part.register_forward_pre_hook(hooks.model_inputs, prepend=True)
+            part.register_forward_hook(hooks.stage_outputs, prepend=True)
+        # The head is copied into every pipeline stage: its gradient counts once in the norm,
+        # on pp rank 0's first part.
+        keep_head = self._pp_group is None or dims.mesh("pp").get_local_rank() == 0
+        self._norm_skip = [set() if (i == 0 and keep_head) else {n for n, _ in part.named_parameters()
+                                                                  if n.startswith("head.")}
+                           for i, part in enumerate(model_parts)]
 
-    def _schedule_for(self, microbatch_rows: int, context_points: int):
-        """The pipeline schedule for this microbatch shape (built once per shape)."""
-        key = (microbatch_rows, context_points)
-        if key not in self._schedules:
-            m, p = self.cfg.model, self.cfg.parallel
-            patches = context_points // m.patch_points
-            if patches % self.dims.tp:
-                raise LayoutError(f"data.context_points={context_points} gives {patches} patches, not divisible by "
-                                  f"parallel.tp={self.dims.tp} (sequence parallel splits patches); change either")
-            num_stages = self.dims.pp * (2 if p.pp_schedule == "interleaved_1f1b" else 1)
-            self._schedules[key] = build_schedule(
-                self.model_parts, self.stage_ids, num_stages, self.device, self.dims.mesh("pp").get_group(),
-                p.pp_schedule, p.pp_microbatches, (microbatch_rows, patches // self.dims.tp, m.hidden_size),
-                (microbatch_rows, context_points))[0]
-        return self._schedules[key]
+    @staticmethod
+    def _sum_over(group):
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            dist.all_reduce(x, group=group)
+            return x
+        return reduce
+
+    def sequence_sharded(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """A received local activation as the ``Shard(1)`` DTensor it is under sequence parallelism."""
+        if self._tp_mesh is None or x is None or isinstance(x, DTensor):
+            return x
+        return DTensor.from_local(x, self._tp_mesh, [Shard(1)], run_check=False)
 
     # ------------------------------------------------------------------------------ step
-    def forward_backward(self, values_BW: torch.Tensor, mask_BW: torch.Tensor, grad_scale: float = 1.0) -> LossParts:
+    def forward_backward(self, values_BW: torch.Tensor, mask_BW: torch.Tensor, grad_scale: float = 1.0) -> StepResult:
         """Accumulate into ``.grad`` the gradient of ``grad_scale * loss`` of this rank's batch.
 
-        ``values_BW``/``mask_BW``: this rank's data shard (rank ``dims.dp_rank`` of dp; every tp
-        and pp rank of a dp group gets the same batch), the first ``data.context_points`` points
-        are the input, the rest the targets (any width the loss accepts). Returns the loss
-        parts, **identical on every rank**: the mean over dp ranks (and pipeline microbatches)
-        of the per-batch losses, router losses over the global microbatch; not scaled by
-        ``grad_scale``. Gradients are reduced (FSDP) when this returns.
+        ``values_BW``/``mask_BW``: this rank's data shard (rank ``dp_rank`` of dp; every tp and
+        pp rank of a dp group gets the same batch); the first ``data.context_points`` points are
+        the input, the rest the targets. Gradients are reduced (FSDP) when this returns.
         """
-        cfg, ctx = self.cfg, self.ctx
-        context = cfg.data.context_points
+        context = self.loss_cfg.context_points
         if values_BW.shape[1] <= context:
             raise ValueError(f"window of {values_BW.shape[1]} points holds no target after "
                              f"data.context_points={context}")
         values_BW = values_BW.to(self.device)
         mask_BW = mask_BW.to(self.device).to(values_BW.dtype)
-        normed, mean, scale = instance_normalize(values_BW[:, :context], mask_BW[:, :context])
-        num_mb = cfg.parallel.pp_microbatches if self.pipelined else 1
+        num_mb = self.cfg.parallel.pp_microbatches if self._pp_group is not None else 1
         if values_BW.shape[0] % num_mb:
             raise LayoutError(f"batch of {values_BW.shape[0]} windows per rank is not divisible by "
                               f"parallel.pp_microbatches={num_mb}; change the batch size or the microbatches")
-        ctx.num_microbatches = num_mb
-        ctx.grad_scale = grad_scale
-        ctx.targets = (values_BW, mask_BW, mean, scale)
-        ctx.reset(self.device)
-        rows_B = torch.arange(values_BW.shape[0], device=self.device)
-        if not self.pipelined:
-            loss = self.model_parts[0](normed, mask_BW[:, :context], rows_B)
-            loss.sum().backward()
-        else:
-            schedule = self._schedule_for(values_BW.shape[0] // num_mb, context)
-            target = torch.zeros(values_BW.shape[0], device=self.device)
-            schedule.step(normed, mask_BW[:, :context], rows_B, target=target)
-            self.tie_head_grads()
-        return self._report()
+        self.share.num_microbatches, self.share.grad_scale = num_mb, grad_scale
+        self.report.zero_()
+        self.tokens_per_expert_LE.zero_()
+        for part in self.model_parts:
+            part.train()
+        with self._autocast:
+            if self._pp_group is None:
+                self.model_parts[0](values_BW, mask_BW).sum().backward()
+            else:
+                schedule = self._schedule_for(values_BW.shape[0] // num_mb, values_BW.shape[1])
+                schedule.step(values_BW, mask_BW, target=torch.zeros(values_BW.shape[0], device=self.device))
+                self._tie_head_grads()
+        if self.dims.world_size > 1:
+            dist.all_reduce(self.report)
+        parts = LossParts.from_report(self.report, self.loss_cfg)
+        # Counts are per rank (tokens routed here); the loop sums them over ranks.
+        return StepResult(parts.as_floats(), self.tokens_per_expert_LE.cpu())
 
-    def tie_head_grads(self) -> None:
+    def _schedule_for(self, microbatch_rows: int, window_points: int):
+        """The pipeline schedule for this microbatch shape (built once per shape)."""
+        key = (microbatch_rows, window_points)
+        if key not in self._schedules:
+            m = self.cfg.model
+            patches = self.loss_cfg.context_points // m.patch_points
+            if patches % self.dims.tp:
+                raise LayoutError(f"data.context_points={self.loss_cfg.context_points} gives {patches} patches, not "
+                                  f"divisible by parallel.tp={self.dims.tp} (sequence parallel splits patches); "
+                                  f"change either")
+            self._schedules[key] = build_schedule(
+                self.model_parts, self._stage_ids, self._num_stages, self.device, self._pp_group,
+                self.cfg.parallel.pp_schedule, self.cfg.parallel.pp_microbatches,
+                (microbatch_rows, patches // self.dims.tp, m.hidden_size), (microbatch_rows, window_points),
+                carry_h0=m.num_stp_blocks > 0)
+        return self._schedules[key]
+
+    def _tie_head_grads(self) -> None:
         """Sum the shared head's gradient over every stage copy (this rank's and other pp ranks')."""
         heads = [dict(p.head.named_parameters()) for p in self.model_parts]
         for name in heads[0]:
             params = [h[name] for h in heads]
-            local = [(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad) for p in params if p.grad is not None]
-            ref = params[0]
-            shard = ref.to_local() if isinstance(ref, DTensor) else ref
-            total = torch.zeros_like(shard) if not local else torch.stack(local).sum(0)
-            if self.dims.pp > 1:
-                dist.all_reduce(total, group=self.dims.mesh("pp").get_group())
+            grads = [_local(p.grad) for p in params if p.grad is not None]
+            total = torch.stack(grads).sum(0) if grads else torch.zeros_like(_local(params[0]))
+            dist.all_reduce(total, group=self._pp_group)
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).copy_(total)
+                _local(p.grad).copy_(total)
 
-    def _report(self) -> LossParts:
-        ctx = self.ctx
-        report = ctx.report
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(report)
-        j, nb = ctx.num_horizons, ctx.num_blocks
-        per_h = [report[i].float() for i in range(j)]
-        ntp, stp = per_h[0], per_h[1:]
-        total = ntp.clone()
-        if stp:
-            weights = stp_weights(len(stp), ctx.stp_weighting)
-            total = total + sum(w * v for w, v in zip(weights, stp)) / len(stp)
-        aux = z = None
-        if ctx.aux_loss_coef > 0 and nb:
-            aux = report[j:j + nb].mean().float()
-            total = total + ctx.aux_loss_coef * aux
-        if ctx.z_loss_coef > 0 and nb:
-            z = report[j + nb:j + 2 * nb].mean().float()
-            total = total + ctx.z_loss_coef * z
-        return LossParts(total, ntp, stp, aux, z)
-
-    # ------------------------------------------------------------------------------ helpers
-    def train(self, mode: bool = True) -> "Engine":
-        for p in self.model_parts:
-            p.train(mode)
-        return self
-
-    def parameters(self):
-        """Every parameter of this rank (the shared head appears once per stage copy)."""
-        for part in self.model_parts:
-            yield from part.parameters()
+    # ------------------------------------------------------------------------------ gradients
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global gradient L2 norm (every parameter once); gradients are scaled to ``max_norm`` if above."""
+        norms = [grad_norm_of([part], skip) for part, skip in zip(self.model_parts, self._norm_skip)]
+        total = torch.stack(norms).pow(2).sum()
+        if self._pp_group is not None:
+            dist.all_reduce(total, group=self._pp_group)
+        total = total.sqrt()
+        if max_norm != float("inf") and torch.isfinite(total):
+            coef = max_norm / (float(total) + 1e-6)
+            if coef < 1.0:
+                for part in self.model_parts:
+                    for p in part.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+        return float(total)
 
 
-def build_engine(model: TimerS1, dims: ParallelDims, cfg: Config, device: torch.device | str | None = None) -> Engine:
+def grad_norm_of(parts: list[nn.Module], skip_names: set[str] = frozenset()) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``parts`` (DTensor shards on any mesh, or plain tensors).
+
+    DTensor norms are grouped by mesh and placement so every group reduces over its own
+    shards (dense and expert parameters live on different meshes); replicated copies count
+    once. Parameters named in ``skip_names`` are left out (pipeline copies of the head).
+    """
+    groups: dict = {}
+    plain = []
+    for part in parts:
+        for name, p in part.named_parameters():
+            if p.grad is None or name in skip_names:
+                continue
+            if isinstance(p.grad, DTensor):
+                groups.setdefault((p.grad.device_mesh, p.grad.placements), []).append(p.grad)
+            else:
+                plain.append(p.grad)
+    device = next(p for part in parts for p in part.parameters()).device
+    total_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for grads in groups.values():
+        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        norm = torch.linalg.vector_norm(norms)
+        total_sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2
+    if plain:
+        total_sq += torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in plain])).double() ** 2
+    return total_sq.sqrt()
+
+
+def build_engine(model: TimerS1, cfg: Config, world_size: int = 1, device: torch.device | str | None = None,
+                 dims: ParallelDims | None = None) -> Engine:
     """Split (PP), parallelize (TP -> EP -> AC -> FSDP) and wrap ``model`` for training.
 
-    ``model`` may live on the meta device (then parameters are materialised on ``device`` and
-    initialised with ``init_weights`` after sharding; values then differ from a single-process
-    init) or be a real model (identical on every rank, e.g. built with the same seed; its
-    values are kept, which is what parity tests and fine-tuning use). The process group must
-    be initialised (``init_distributed``).
+    ``world_size`` 1 needs no process group; larger ones need it initialised
+    (``init_distributed``). ``model`` may live on the meta device (then parameters are
+    materialised on ``device`` and initialised with ``init_weights`` after sharding; values then
+    differ from a single-process init) or be a real model (identical on every rank, e.g. built
+    with the same seed; its values are kept, which is what parity tests and fine-tuning use).
+    The engine takes the model over: with one pipeline stage per rank the part *is* ``model``,
+    and its forward now runs as a stage of the step (it returns the loss).
     """
     device = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-    if not dims._meshes:
+    dims = dims or ParallelDims.from_config(cfg.parallel, world_size)
+    if dims.world_size > 1 and not dims._meshes:
         dims.build_meshes(device.type)
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
-    num_blocks = m.num_layers + m.num_stp_blocks
-    dims.check_model(moe.num_experts, m.num_heads, m.hidden_size, num_blocks, p.pp_schedule,
+    dims.check_model(moe.num_experts, m.num_heads, m.hidden_size, m.num_layers + m.num_stp_blocks, p.pp_schedule,
                      p.pp_microbatches if dims.pp > 1 else 1)
-    tp_mesh = dims.mesh("tp") if dims.tp > 1 else None
-    batch_mesh = dims.mesh("batch")
-    ctx = StepContext(
-        quantiles=list(m.quantiles), num_horizons=m.num_stp_blocks + 1, num_blocks=num_blocks,
-        patch_points=m.patch_points, context_points=cfg.data.context_points, stp_weighting=cfg.train.stp_weighting,
-        min_prefix_fraction=cfg.train.min_prefix_fraction, wql_denominator=cfg.train.wql_denominator,
-        aux_loss_coef=moe.aux_loss_coef,
-        z_loss_coef=moe.z_loss_coef, dp=dims.dp, tp=dims.tp, batch_group=batch_mesh.get_group(),
-        batch_group_size=batch_mesh.size(),
-    )
     on_meta = any(t.is_meta for t in model.parameters())
     if dims.pp == 1:
         stage_ids, num_stages = [0], 1
@@ -184,17 +312,11 @@ def build_engine(model: TimerS1, dims: ParallelDims, cfg: Config, device: torch.
     parts = []
     for sid in stage_ids:
         part = make_stage(model, splits[sid], m.num_layers, copy_model=dims.pp > 1)
-        part.configure_stage(splits[sid], sid == 0, sid == num_stages - 1, m.num_stp_blocks > 0, ctx, tp_mesh)
-        parallelize(part, dims, p, param_dtype=_param_dtype(cfg.train.precision, device))
-        # After TP (prepend: the hook sees the MoE's local output before TP wraps it).
-        for name, block in part.layers.items():
-            block.moe.register_forward_hook(ctx.router_hook(int(name)), prepend=True)
-        for name, stp in part.stp_blocks.items():
-            stp.block.moe.register_forward_hook(ctx.router_hook(m.num_layers + int(name)), prepend=True)
+        parallelize(part, dims, p, param_dtype=torch.bfloat16 if uses_bf16(cfg, device) else None)
         if on_meta:
             part.to_empty(device=device)
             init_weights(part, m.init_std)
         elif device.type != "cpu":
             part.to(device)
         parts.append(part)
-    return Engine(parts, dims, cfg, ctx, device, stage_ids)
+    return Engine(parts, stage_ids, num_stages, dims, cfg, device)

@@ -1,34 +1,42 @@
-"""Expert parallelism: a dropless all-to-all token dispatcher around the ``experts`` seam.
+"""Expert parallelism: a dropless all-to-all token dispatcher, applied to the ``experts`` seam as a style.
 
 ``MoE.forward`` hands ``self.experts(x_SD, tokens_per_expert_E)`` the routed slots already
-grouped by (global) expert. Under EP the E experts are split into ep contiguous groups of
-E_l = E / ep, one per EP rank; the expert weights become DTensors ``Shard(0)`` on the EP mesh
-(so DCP saves and reshards them like any other parameter). The dispatcher runs in three phases,
-Megatron-style, so a faster transport can replace one without touching the others:
+grouped by (global) expert. ``ExpertParallel`` splits the E experts into ep contiguous groups
+of G = E / ep, one per EP rank: its partition turns the expert weights into DTensors
+``Shard(0)`` on the EP mesh (so DCP saves and reshards them like any other parameter), its
+input hook dispatches the rows to the ranks owning their experts and its output hook combines
+the results back; ``GroupedExperts.forward`` in between runs unchanged on the local rows.
+The dispatcher has three phases, Megatron-style, each a function of its own, so a faster
+transport can replace one without touching the others:
 
-  1. preprocess (one tiny collective): exchange per-expert counts with ``all_to_all_single``
-     on a fixed-size int64 tensor [E] -> [ep, E_l] ("how many rows does each source send to
-     each of my experts"). A fixed-size exchange works on every backend (gloo rejects uneven
-     ``all_gather`` and tensor split sizes); the counts then become host lists (one sync).
-  2. dispatch: ``all_to_all_single`` of the rows with list split sizes (dropless: whatever the
-     router chose is sent). Rows arrive source-major ([src][local expert]); a gather regroups
-     them expert-major, which is what the grouped GEMM wants.
-  3. combine: the inverse regroup and the reverse all-to-all (split sizes swapped).
+  1. ``plan_dispatch`` (preprocess, one tiny collective): exchange per-expert counts with
+     ``all_to_all_single`` on a fixed-size int64 tensor [E] -> [R, G] ("how many rows does each
+     source rank send to each of my experts"). A fixed-size exchange works on every backend
+     (gloo rejects uneven ``all_gather`` and tensor split sizes); the counts then become host
+     lists (one sync).
+  2. ``dispatch``: ``all_to_all_single`` of the rows with list split sizes (dropless: whatever
+     the router chose is sent). Rows arrive source-major ([source rank][local expert]); a gather
+     regroups them expert-major, which is what the grouped GEMM wants.
+  3. ``combine``: the inverse regroup and the reverse all-to-all (split sizes swapped).
 
 Both all-to-alls are autograd Functions whose backward is the opposite all-to-all, so the
-gradient of a token's row returns to the rank that routed it. A rank that receives zero rows
-still takes part in every collective (empty sends are legal) and computes zero gradients for
-its experts, so FSDP's reduce-scatter stays matched across ranks.
+gradient of a row returns to the rank that routed it. A rank that receives zero rows still
+takes part in every collective (empty sends are legal) and computes zero gradients for its
+experts, so FSDP's reduce-scatter stays matched across ranks.
+
+Shape letters here: R EP ranks, G experts per EP rank (E = R * G), S rows, D model dim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle
 
-from timers1.kernels import swiglu_experts
 from timers1.model.moe import GroupedExperts
 
 EXPERT_PARAMS = ("w_gate_EFD", "w_up_EFD", "w_down_EDF")
@@ -51,43 +59,6 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
-def all_to_all(x_SD: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x_SD, output_splits, input_splits, group)
-
-
-class DispatchPlan:
-    """Phase 1 (preprocess): split sizes and the source-major -> expert-major regroup order."""
-
-    def __init__(self, tokens_per_expert_E: torch.Tensor, ep: int, group):
-        num_experts = tokens_per_expert_E.numel()
-        local = num_experts // ep
-        counts = tokens_per_expert_E.to(torch.int64).contiguous()
-        recv = torch.empty_like(counts)
-        # Fixed-size exchange: rank r sends counts[j*E_l:(j+1)*E_l] to rank j.
-        dist.all_to_all_single(recv, counts, group=group)
-        send_ES = counts.view(ep, local)
-        recv_SE = recv.view(ep, local)  # [source rank, local expert]
-        # One host sync: split sizes must be Python ints for all_to_all_single.
-        self.input_splits: list[int] = send_ES.sum(1).tolist()
-        self.output_splits: list[int] = recv_SE.sum(1).tolist()
-        self.local_counts_E: torch.Tensor = recv_SE.sum(0)
-        # Received rows are ordered (source, expert); the grouped GEMM wants (expert, source).
-        # Build the gather index from the counts: the block (s, e) starts at start_SE[s, e].
-        flat = recv_SE.reshape(-1)
-        start_SE = (torch.cumsum(flat, 0) - flat).view(ep, local)
-        order = start_SE.t().reshape(-1)  # blocks in (expert, source) order
-        lengths = recv_SE.t().reshape(-1)
-        total = int(flat.sum())
-        if total:
-            block_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=flat.device), lengths)
-            row_start = torch.cumsum(lengths, 0) - lengths
-            within = torch.arange(total, device=flat.device) - row_start[block_of_row]
-            self.regroup_S = order[block_of_row] + within
-        else:
-            self.regroup_S = torch.zeros(0, dtype=torch.int64, device=flat.device)
-        self.total = total
-
-
 class _ScaleGrad(torch.autograd.Function):
     """Identity whose backward multiplies the gradient by a constant."""
 
@@ -101,55 +72,110 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _local(w: torch.Tensor, grad_factor: float) -> torch.Tensor:
-    w = w.to_local() if isinstance(w, DTensor) else w
-    return _ScaleGrad.apply(w, grad_factor) if grad_factor != 1.0 else w
+@dataclass
+class DispatchPlan:
+    """Split sizes and regroup order of one MoE call (``plan_dispatch``)."""
+
+    input_splits: list[int]
+    """Rows this rank sends to each EP rank."""
+    output_splits: list[int]
+    """Rows this rank receives from each EP rank."""
+    tokens_per_expert_G: torch.Tensor
+    """Rows per local expert after the dispatch."""
+    regroup_S: torch.Tensor
+    """Position, in the received (source-major) rows, of each expert-major row."""
 
 
-class ExpertParallelGroupedExperts(GroupedExperts):
-    """``GroupedExperts`` whose forward dispatches rows to the EP rank owning their expert.
+def plan_dispatch(tokens_per_expert_E: torch.Tensor, group) -> DispatchPlan:
+    """Phase 1: exchange the per-expert counts and derive split sizes and the regroup order."""
+    ranks = dist.get_world_size(group)
+    sent_RG = tokens_per_expert_E.to(torch.int64).contiguous().view(ranks, -1)  # [destination rank, its expert]
+    recv_RG = torch.empty_like(sent_RG)  # [source rank, my expert]
+    dist.all_to_all_single(recv_RG.view(-1), sent_RG.view(-1), group=group)
+    # One host sync: split sizes must be Python ints for all_to_all_single.
+    input_splits, output_splits = sent_RG.sum(1).tolist(), recv_RG.sum(1).tolist()
+    # Received rows are ordered (source, expert); the grouped GEMM wants (expert, source).
+    # Block (r, g) starts at start_RG[r, g]; list the blocks expert-major and expand to rows.
+    flat = recv_RG.reshape(-1)
+    start_RG = (torch.cumsum(flat, 0) - flat).view_as(recv_RG)
+    block_start, block_rows = start_RG.t().reshape(-1), recv_RG.t().reshape(-1)
+    total = sum(output_splits)
+    block_of_row = torch.repeat_interleave(torch.arange(block_rows.numel(), device=flat.device), block_rows)
+    row_in_block = torch.arange(total, device=flat.device) - (torch.cumsum(block_rows, 0) - block_rows)[block_of_row]
+    return DispatchPlan(input_splits, output_splits, recv_RG.sum(0), block_start[block_of_row] + row_in_block)
 
-    Installed by ``apply_expert_parallel`` by re-classing the module in place, so parameter
-    names (and DCP keys) are unchanged; the weights are DTensors Shard(0) on the EP mesh.
+
+def dispatch(x_SD: torch.Tensor, plan: DispatchPlan, group) -> torch.Tensor:
+    """Phase 2: send each row to the rank owning its expert; rows come back grouped expert-major."""
+    recv_SD = _AllToAll.apply(x_SD, plan.output_splits, plan.input_splits, group)
+    return recv_SD.index_select(0, plan.regroup_S)
+
+
+def combine(y_SD: torch.Tensor, plan: DispatchPlan, group) -> torch.Tensor:
+    """Phase 3: undo the regroup and send every row back to the rank that routed it."""
+    source_major_SD = torch.empty_like(y_SD).index_copy(0, plan.regroup_S, y_SD)
+    return _AllToAll.apply(source_major_SD, plan.input_splits, plan.output_splits, group)
+
+
+class ExpertParallel(ParallelStyle):
+    """Shard a ``GroupedExperts`` over an EP mesh; dispatch as its input hook, combine as its output hook.
+
+    ``grad_factor`` multiplies the expert weights' gradients (and nothing else: the rows'
+    gradient is scaled by it on the way into the experts and by its inverse on the way out).
+    The expert FSDP mesh averages over its efsdp ranks, but the right reduction is a sum over
+    the tp ranks (disjoint token shards) and a mean over dp: factor = efsdp * dp_replicate / dp
+    = tp / ep. (FSDP's ``set_gradient_divide_factor`` would do the same with NCCL's PreMulSum,
+    which gloo lacks; one code path for both backends is worth a multiply.) On a mesh of one
+    rank (tp > 1 without ep) nothing is sharded or sent; only the factor applies.
     """
 
-    ep_group = None
-    ep_size = 1
-    grad_factor = 1.0
+    def __init__(self, grad_factor: float = 1.0):
+        super().__init__()
+        self.grad_factor = grad_factor
+        self._plan: DispatchPlan | None = None  # from this module's dispatch to its combine
 
-    def forward(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        f = self.grad_factor
-        if self.ep_size == 1:
-            return swiglu_experts(x_SD, tokens_per_expert_E, _local(self.w_gate_EFD, f), _local(self.w_up_EFD, f),
-                                  _local(self.w_down_EDF, f), backend=self.backend)
-        plan = DispatchPlan(tokens_per_expert_E, self.ep_size, self.ep_group)
-        recv_SD = all_to_all(x_SD, plan.output_splits, plan.input_splits, self.ep_group)
-        grouped_SD = recv_SD.index_select(0, plan.regroup_S)
-        y_SD = swiglu_experts(grouped_SD, plan.local_counts_E, _local(self.w_gate_EFD, f), _local(self.w_up_EFD, f),
-                              _local(self.w_down_EDF, f), backend=self.backend)
-        # Inverse regroup (expert-major -> source-major) by scattering rows back.
-        back_SD = torch.empty_like(y_SD).index_copy(0, plan.regroup_S, y_SD)
-        return all_to_all(back_SD, plan.input_splits, plan.output_splits, self.ep_group)
+    def _partition(self, _name: str, module: nn.Module, mesh) -> None:
+        for name in EXPERT_PARAMS:
+            p = getattr(module, name, None)
+            if p is not None:
+                module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, mesh, [Shard(0)]),
+                                                             requires_grad=p.requires_grad))
+
+    def _dispatch(self, _module, inputs, mesh):
+        x_SD, tokens_per_expert_E = inputs
+        if self.grad_factor != 1.0:
+            x_SD = _ScaleGrad.apply(x_SD, 1.0 / self.grad_factor)
+        if mesh.size() == 1:
+            return x_SD, tokens_per_expert_E
+        group = mesh.get_group()
+        self._plan = plan_dispatch(tokens_per_expert_E, group)
+        return dispatch(x_SD, self._plan, group), self._plan.tokens_per_expert_G
+
+    def _combine(self, _module, y_SD, mesh):
+        if self.grad_factor != 1.0:
+            y_SD = _ScaleGrad.apply(y_SD, self.grad_factor)
+        if mesh.size() == 1:
+            # A fresh tensor, not _ScaleGrad's view: FSDP hooks the module's output for its
+            # backward, and an in-place op on a view would drop that hook.
+            return y_SD.clone() if self.grad_factor != 1.0 else y_SD
+        y_SD = combine(y_SD, self._plan, mesh.get_group())
+        self._plan = None
+        return y_SD
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not isinstance(module, GroupedExperts):
+            raise TypeError(f"ExpertParallel applies to GroupedExperts, not {type(module).__name__}")
+        if device_mesh.size() > 1:
+            return distribute_module(module, device_mesh, self._partition, self._dispatch, self._combine)
+        # One EP rank: the weights stay plain tensors (distribute_module would make them
+        # replicated DTensors); only the gradient factor is hooked on.
+        module.register_forward_pre_hook(lambda m, inputs: self._dispatch(m, inputs, device_mesh))
+        module.register_forward_hook(lambda m, _inputs, out: self._combine(m, out, device_mesh))
+        return module
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh, grad_factor: float = 1.0) -> None:
-    """Shard every GroupedExperts' weights Shard(0) over ``ep_mesh`` (None: ep = 1) and install
-    the dispatcher.
-
-    ``grad_factor`` multiplies the expert weights' gradients. The expert FSDP mesh averages
-    over its efsdp ranks, but the right reduction is a sum over the tp ranks (disjoint token
-    shards) and a mean over dp: factor = efsdp * dp_replicate / dp = tp / ep. (FSDP's
-    ``set_gradient_divide_factor`` would do the same with NCCL's PreMulSum, which gloo lacks;
-    one code path for both backends is worth a multiply.)
-    """
+    """``ExpertParallel`` on every ``GroupedExperts`` of ``model`` (one style instance each)."""
     for module in model.modules():
-        if type(module) is GroupedExperts:
-            if ep_mesh is not None:
-                for name in EXPERT_PARAMS:
-                    p = getattr(module, name)
-                    module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)]),
-                                                                 requires_grad=p.requires_grad))
-                module.ep_group = ep_mesh.get_group()
-                module.ep_size = ep_mesh.size()
-            module.__class__ = ExpertParallelGroupedExperts
-            module.grad_factor = grad_factor
+        if isinstance(module, GroupedExperts):
+            ExpertParallel(grad_factor)._apply(module, ep_mesh)

@@ -7,9 +7,10 @@ on them; FSDP then shards whatever DTensor (or plain) parameter it finds along d
 combines the meshes (FSDP x TP = 2-D, expert-FSDP x EP = 2-D, 3-D with HSDP).
 
 FSDP groups (one all-gather / reduce-scatter each): every block's experts (on the expert mesh
-``efsdp``; it spans the tp ranks, whose token shards must be *summed*, so EP rescales the
-expert gradients by tp / ep to turn FSDP's average into sum-over-tp, mean-over-dp), every block (attention, router, norms), and the
-root part (embedding, final norm, head).
+``efsdp``; it spans the tp ranks, whose token shards must be *summed*, so the expert style
+rescales the expert gradients by tp / ep to turn FSDP's average into sum-over-tp,
+mean-over-dp), every block (attention, router, norms), and the root part (embedding, final
+norm, head).
 
 Works on a whole TimerS1 or on a pipeline stage of one (any module may be missing).
 """
@@ -36,8 +37,9 @@ def _blocks(model: nn.Module):
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block in backward (composable API: parameter names do not change).
 
-    Inside a recomputed block the EP all-to-alls and the router-statistics all-reduce run again;
-    every rank recomputes the same blocks in the same order, so collectives stay matched.
+    Inside a recomputed block the EP all-to-alls run again; every rank recomputes the same
+    blocks in the same order, so collectives stay matched. (Router losses and expert-load counts
+    are taken from the block's outputs, outside the recomputed region: they run once.)
     """
     from torch.distributed._composable import checkpoint
 
@@ -59,16 +61,19 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype | 
 def parallelize(model: nn.Module, dims: ParallelDims, parallel_cfg, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Apply TP, EP, activation checkpointing and FSDP/HSDP in place; returns ``model``.
 
-    ``dims.build_meshes`` must have run. FSDP is always applied (a size-1 dp mesh is cheap):
-    it makes every parameter a DTensor, which is what DCP state dicts and resharding need,
-    and it is where partial gradients (sequence-parallel and router weights) get reduced.
+    One process (world size 1) gets activation checkpointing at most: its parameters stay plain
+    tensors. Otherwise ``dims.build_meshes`` must have run and FSDP is always applied (a size-1
+    dp mesh is cheap): it makes every parameter a DTensor, which is what DCP state dicts and
+    resharding need, and it is where partial gradients (sequence-parallel and router weights)
+    get reduced.
     """
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh("tp"))
     if dims.ep > 1 or dims.tp > 1:
-        apply_expert_parallel(model, dims.mesh("ep") if dims.ep > 1 else None, grad_factor=dims.tp / dims.ep)
+        apply_expert_parallel(model, dims.mesh("ep"), grad_factor=dims.tp / dims.ep)
     if parallel_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    # With PP each microbatch would re-gather the weights; keep them gathered for the step.
-    apply_fsdp(model, dims, param_dtype, reshard_after_forward=dims.pp == 1)
+    if dims.world_size > 1:
+        # With PP each microbatch would re-gather the weights; keep them gathered for the step.
+        apply_fsdp(model, dims, param_dtype, reshard_after_forward=dims.pp == 1)
     return model

@@ -10,64 +10,42 @@ Attention needs the whole sequence:
              --> local RoPE, QK-norm, SDPA, gate --> o (row-parallel) --reduce-scatter--> Shard(1)
 
 The ``Attention`` module reads the head count from the local weight width, so it runs on the
-local shard unchanged; its per-head-dim QK-norm scales are shared by all heads, so each rank's
-gradient for them is a partial sum over its heads: they are replicated DTensors turned local
-with ``grad_placements=Partial()``.
+local shard unchanged. Its QK-norms are per head dim and shared by all heads: they get the
+sequence-parallel style on the heads dim (input ``Shard(1)`` of [B, H, N, Dh], replicated weight),
+so DTensor sums the weight's per-head partial gradients.
 
 The MoE runs on the local tokens of the sequence shard (no gather): routing is per token, and
-expert parallelism (if any) moves rows between ranks anyway. The router weight is replicated
-and used the same Partial-gradient way; the experts' gradients are summed over tp by the
-expert FSDP mesh, which spans the tp ranks (see dims.py).
+expert parallelism (if any) moves rows between ranks anyway. ``MoELocalTokens`` hooks that onto
+the MoE module; the router weight is replicated with the sequence-parallel style on the token
+dim (partial gradients summed over tp), and the experts' gradients are summed over tp by the
+expert FSDP mesh, which spans the tp ranks (see dims.py and ``ExpertParallel``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
-from timers1.model.attention import Attention
-from timers1.model.block import TimeMoEBlock, TimeSTPBlock
+from timers1.model.block import TimeMoEBlock
 
 
-def _partial_local(p: torch.Tensor) -> torch.Tensor:
-    """A replicated parameter used on rank-local data: its local gradient is a partial sum."""
-    return p.to_local(grad_placements=(Partial(),)) if isinstance(p, DTensor) else p
+class MoELocalTokens(ParallelStyle):
+    """The MoE sees this rank's sequence shard as plain local tokens and returns it as ``Shard(1)``.
 
+    Plain module hooks, not ``distribute_module``: that would also replicate the experts, which
+    expert parallelism and the expert FSDP mesh own.
+    """
 
-class TPAttention(Attention):
-    """Attention whose QK-norm scales are replicated DTensors with partial gradients."""
-
-    def _qk_norm(self, x_BHND: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return super()._qk_norm(x_BHND, _partial_local(scale))
-
-
-class TPReplicatedLinear(nn.Linear):
-    """Linear with a replicated DTensor weight applied to rank-local tokens (the MoE router)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = _partial_local(self.bias) if self.bias is not None else None
-        return nn.functional.linear(x, _partial_local(self.weight), bias)
-
-
-def _replicate_params(module: nn.Module, mesh, names: tuple[str, ...]) -> None:
-    for name in names:
-        p = getattr(module, name)
-        module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]),
-                                                     requires_grad=p.requires_grad))
-
-
-def _moe_local_io(moe: nn.Module, mesh) -> None:
-    """MoE sees the local sequence shard as a plain tensor and returns one wrapped as Shard(1)."""
-
-    def pre(_mod, args):
+    def _local_inputs(self, _module, args, mesh):
         x = args[0]
         token_valid_BN = args[1] if len(args) > 1 else None
         if token_valid_BN is not None:
@@ -76,12 +54,30 @@ def _moe_local_io(moe: nn.Module, mesh) -> None:
             token_valid_BN = torch.chunk(token_valid_BN, mesh.size(), dim=1)[mesh.get_local_rank()]
         return (x.to_local() if isinstance(x, DTensor) else x, token_valid_BN)
 
-    def post(_mod, _args, out):
+    def _sharded_output(self, _module, out, mesh):
         y, record = out
         return DTensor.from_local(y, mesh, [Shard(1)], run_check=False), record
 
-    moe.register_forward_pre_hook(pre)
-    moe.register_forward_hook(post)
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        module.register_forward_pre_hook(lambda m, args: self._local_inputs(m, args, device_mesh))
+        module.register_forward_hook(lambda m, _args, out: self._sharded_output(m, out, device_mesh))
+        return module
+
+
+class RouterOnLocalTokens(SequenceParallel):
+    """The router's replicated weight applied to this rank's tokens [T, D] (tokens on dim 0).
+
+    Its logits leave the MoE inside the router record, i.e. in the output of an FSDP-wrapped
+    block, which FSDP hooks for its backward: they must be a fresh tensor, not the view that
+    ``to_local`` returns (the copy is [T, E], small).
+    """
+
+    def __init__(self):
+        super().__init__(sequence_dim=0, use_local_output=True)
+
+    @staticmethod
+    def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
+        return outputs.to_local().clone()
 
 
 def _parallelize_block(block: TimeMoEBlock, mesh) -> None:
@@ -94,16 +90,14 @@ def _parallelize_block(block: TimeMoEBlock, mesh) -> None:
         "attention.k_proj": ColwiseParallel(),
         "attention.v_proj": ColwiseParallel(),
         "attention.gate_proj": ColwiseParallel(),
+        # Heads are local after the column-parallel projections: dim 1 of [B, H, N, Dh].
+        "attention.q_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
+        "attention.k_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
         "attention.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "moe_norm": SequenceParallel(),
+        "moe": MoELocalTokens(),
+        "moe.router": RouterOnLocalTokens(),
     })
-    attn = block.attention
-    _replicate_params(attn, mesh, ("q_scale", "k_scale"))
-    attn.__class__ = TPAttention
-    router = block.moe.router
-    _replicate_params(router, mesh, tuple(n for n, _ in router.named_parameters()))
-    router.__class__ = TPReplicatedLinear
-    _moe_local_io(block.moe, mesh)
 
 
 def _embed_input_fn(mesh):
@@ -128,7 +122,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     for block in model.layers.values():
         _parallelize_block(block, tp_mesh)
     for stp in model.stp_blocks.values():
-        assert isinstance(stp, TimeSTPBlock)
         parallelize_module(stp, tp_mesh, {
             "hidden_norm": SequenceParallel(),
             "embed_norm": SequenceParallel(),

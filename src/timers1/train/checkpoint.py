@@ -1,11 +1,12 @@
 """Sharded, atomic, optionally asynchronous checkpoints with torch.distributed.checkpoint (DCP).
 
-Layout: ``<run>/checkpoints/step_<N>/`` holding DCP shards (``__<rank>_<i>.distcp``) and
-``.metadata``. Every save goes to ``step_<N>.tmp/`` first; rank 0 renames it to ``step_<N>/``
-only after DCP has finished (DCP's coordinator writes ``.metadata`` after gathering every
-rank's write results, so rank 0's completion implies everyone's). A crash at any moment
-therefore leaves either the old set of complete checkpoints or the old set plus the new one,
-never a damaged ``step_<N>``; stale ``.tmp`` directories are removed at the next start.
+Layout (names defined in ``timers1.rundir``): ``<run>/checkpoints/step_<N>/`` holding DCP
+shards (``__<rank>_<i>.distcp``) and ``.metadata``. Every save goes to ``step_<N>.tmp/``
+first; rank 0 renames it to ``step_<N>/`` only after DCP has finished (DCP's coordinator
+writes ``.metadata`` after gathering every rank's write results, so rank 0's completion
+implies everyone's). A crash at any moment therefore leaves either the old set of complete
+checkpoints or the old set plus the new one, never a damaged ``step_<N>``; stale ``.tmp``
+directories are removed at the next start.
 
 What is saved (a flat dict of DCP entries):
   ``model``, ``optim``: from ``get_model_state_dict`` / ``get_optimizer_state_dict`` (fully
@@ -21,7 +22,6 @@ the training collectives on the default group; one save is in flight at a time.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import threading
 import warnings
@@ -33,7 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+# Discovery of complete checkpoints lives with the run-directory layout, so that inference and
+# evaluation can find checkpoints without importing the trainer; re-exported here.
+from timers1.rundir import (STEP_DIR, TMP_STEP_GLOB, latest_checkpoint, list_checkpoints,  # noqa: F401
+                            step_dir_name, tmp_step_dir_name)
 
 # Single-process runs are a supported mode, not an accident worth a warning per save.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -41,24 +44,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed from .tmp and carrying DCP metadata), oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for child in directory.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and (child / ".metadata").is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = list_checkpoints(directory)
-    return found[-1][1] if found else None
 
 
 def checkpoint_keys(path: str | Path) -> set[str]:
@@ -78,7 +63,7 @@ class CheckpointManager:
         self._group = None
         if _rank() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for child in self.directory.glob("step_*.tmp"):
+            for child in self.directory.glob(TMP_STEP_GLOB):
                 shutil.rmtree(child, ignore_errors=True)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
@@ -90,8 +75,8 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any], blocking: bool = False) -> None:
         """Save ``state`` as ``step_<step>``. Non-blocking saves return once tensors are staged."""
         self.wait()
-        tmp = self.directory / f"step_{step}.tmp"
-        final = self.directory / f"step_{step}"
+        tmp = self.directory / tmp_step_dir_name(step)
+        final = self.directory / step_dir_name(step)
         if _rank() == 0 and tmp.exists():
             shutil.rmtree(tmp)
         if dist.is_available() and dist.is_initialized():

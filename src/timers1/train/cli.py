@@ -9,6 +9,7 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from timers1.config import load_config
+    from timers1 import rundir
     from timers1.train import Trainer
 
     overrides = list(args.set)
@@ -21,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
     if result.stopped_for_requeue:
         return result.exit_code
     if result.step >= cfg.train.steps:
-        model_dir = trainer.export_model(Path(cfg.train.run_dir) / "model")
+        model_dir = trainer.export_model(rundir.model_dir(cfg.train.run_dir))
         if trainer.rank == 0:
             print(f"final model: {model_dir}", file=sys.stderr)
             if not args.no_eval:

@@ -28,10 +28,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from timers1 import rundir
 from timers1.config import Config, ConfigError, save_config
 from timers1.model import build_model
 from timers1.model.flops import train_flops_per_patch
-from timers1.train.engine import make_engine
+from timers1.parallel.engine import build_engine
 from timers1.train.checkpoint import CheckpointManager, checkpoint_keys, rng_state, set_rng_state
 from timers1.train.faults import REQUEUE_EXIT_CODE, NonFiniteGuard, PreemptionSignals
 from timers1.train.metrics import MetricsLogger, expert_load_stats, measure_peak_tflops, memory_stats
@@ -88,7 +89,7 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, rundir.config_file(self.run_dir))
 
         t = cfg.train
         self.patch = cfg.model.patch_points
@@ -105,7 +106,7 @@ class Trainer:
             _, source = load_model(init_path)
             missing = model.load_state_dict(source.state_dict(), strict=True)
             del source, missing
-        self.engine = make_engine(model.to(self.device), cfg, self.world_size, self.device)
+        self.engine = build_engine(model.to(self.device), cfg, self.world_size, self.device)
         per_rank = self.engine.dp_size * t.grad_accum_steps
         if t.batch_size % per_rank:
             raise ConfigError(
@@ -115,7 +116,7 @@ class Trainer:
         self.micro_batch = t.batch_size // per_rank
         self.optim = PartOptimizers(self.engine.model_parts, t)
         self.loader = self._build_loader()
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+        self.checkpoints = CheckpointManager(rundir.checkpoints_dir(self.run_dir), cfg.checkpoint.keep_last,
                                              cfg.checkpoint.async_save)
         self.guard = NonFiniteGuard(t.max_nonfinite_steps_in_row)
         # Control-plane flags travel on gloo even when training runs NCCL (no device sync).
@@ -217,13 +218,12 @@ class Trainer:
         load = None
         for _ in range(t.grad_accum_steps):
             batch = self._next_batch()
-            result = self.engine.forward_backward(batch["values"], batch["mask"], scale=1.0 / t.grad_accum_steps)
+            result = self.engine.forward_backward(batch["values"], batch["mask"], grad_scale=1.0 / t.grad_accum_steps)
             for key, value in result.loss_floats.items():
                 totals[key] = totals.get(key, 0.0) + value / t.grad_accum_steps
-            if result.tokens_per_expert_LE is not None:
-                load = result.tokens_per_expert_LE if load is None else load + result.tokens_per_expert_LE
+            load = result.tokens_per_expert_LE if load is None else load + result.tokens_per_expert_LE
         grad_norm = self.engine.clip_grad_norm(t.grad_clip_norm if t.grad_clip_norm > 0 else float("inf"))
-        loss = self.engine.reduce_loss(totals.get("loss", float("nan")))
+        loss = totals["loss"]
         applied = self.guard.check(loss, grad_norm, self.step)
         if applied:
             self.optim.step()
@@ -232,10 +232,9 @@ class Trainer:
         # A skipped update still advances the schedule (it is a function of the step).
         self.optim.schedule_step()
         record = {**totals, "loss": loss, "grad_norm": grad_norm, "skipped": not applied}
-        if load is not None:
-            if _is_dist():
-                dist.all_reduce(load)
-            record.update(expert_load_stats(load))
+        if _is_dist():
+            dist.all_reduce(load, group=self._cpu_group)  # host counts: gloo also under NCCL
+        record.update(expert_load_stats(load))
         return record
 
     def _stop_requested(self, signals: PreemptionSignals) -> bool:
