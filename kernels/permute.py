@@ -117,9 +117,11 @@ def _gather_rows(src, idx, div, out_rows, scale=None, scale_idx=None):
     if out_rows == 0 or D == 0:
         return dst
     grid = (triton.cdiv(out_rows, _BLOCK_R), triton.cdiv(D, _BLOCK_D))
+    # Without a scale its pointers stay None: Triton specializes None as a constant and the
+    # HAS_SCALE branch that would read them is not compiled.
     _gather_rows_kernel[grid](
-        src, idx, scale if scale is not None else src, scale_idx if scale_idx is not None else idx,
-        dst, out_rows, D, DIV=div, HAS_SCALE=scale is not None, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
+        src_ptr=src, idx_ptr=idx, scale_ptr=scale, scale_idx_ptr=scale_idx, dst_ptr=dst, R=out_rows, D=D,
+        DIV=div, HAS_SCALE=scale is not None, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
     )
     return dst
 
@@ -131,7 +133,7 @@ def _gather_sum(src, inv_S, T, K, weights=None, out_dtype=None):
         return dst
     grid = (triton.cdiv(T, _BLOCK_R), triton.cdiv(D, _BLOCK_D))
     _gather_sum_kernel[grid](
-        src, inv_S, weights if weights is not None else src, dst, T, D,
+        src_ptr=src, inv_ptr=inv_S, w_ptr=weights, dst_ptr=dst, T=T, D=D,  # w None: see _gather_rows
         K=K, HAS_W=weights is not None, BLOCK_T=_BLOCK_R, BLOCK_D=_BLOCK_D,
     )
     return dst

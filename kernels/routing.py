@@ -243,13 +243,13 @@ class RouteFunction(torch.autograd.Function):
             grad_w_TK = torch.zeros(T, K, device=probs_TE.device, dtype=torch.float32)
         grad_w_TK = grad_w_TK.contiguous()
         has_gp = grad_p_TE is not None
-        grad_p_TE = grad_p_TE.contiguous() if has_gp else probs_TE  # dummy pointer when absent
+        grad_p_TE = grad_p_TE.contiguous() if has_gp else None  # None: the HAS_GRAD_P branch is not compiled
         grad_logits = torch.empty(T, E, device=probs_TE.device, dtype=torch.float32)
         BLOCK_E = next_pow2(E)
         BLOCK_T = _route_block_t(BLOCK_E)
         _route_bwd_kernel[(max(1, triton.cdiv(T, BLOCK_T)),)](
-            probs_TE, experts_TK, grad_w_TK, grad_p_TE, grad_logits, T, E,
-            K=K, RENORM=ctx.renormalize, HAS_GRAD_P=has_gp, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
+            probs_ptr=probs_TE, experts_ptr=experts_TK, grad_w_ptr=grad_w_TK, grad_p_ptr=grad_p_TE,
+            grad_logits_ptr=grad_logits, T=T, E=E, K=K, RENORM=ctx.renormalize, HAS_GRAD_P=has_gp, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
         )
         return grad_logits.to(ctx.logits_dtype), None, None
 
