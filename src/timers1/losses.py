@@ -229,16 +229,17 @@ def stage_loss(out, values_BW: torch.Tensor, mask_BW: torch.Tensor, cfg: LossCon
     if out.predictions:
         context = cfg.context_points
         _, mean_B1, scale_B1 = instance_normalize(values_BW[:, :context], mask_BW[:, :context])
-        num_positions = out.predictions[0].shape[1]
-        target, target_mask = target_patches(values_BW, mask_BW, cfg.patch_points, num_positions,
+        pred_BJNQP = torch.stack(out.predictions, dim=1) * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
+        target, target_mask = target_patches(values_BW, mask_BW, cfg.patch_points, pred_BJNQP.shape[2],
                                              max(out.horizons) + 1, cfg.min_prefix_fraction)
-        q = torch.tensor(cfg.quantiles, device=values_BW.device)
-        for j, pred_BNQP in zip(out.horizons, out.predictions):
-            pred = (pred_BNQP * scale_B1.view(-1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1)).unsqueeze(1)
-            wql_B1N, valid_B1N = weighted_quantile_loss(
-                pred, target[:, j:j + 1].to(pred.dtype), target_mask[:, j:j + 1].to(pred.dtype), q,
-                scale_B1.view(-1).to(pred.dtype), cfg.wql_denominator)
-            loss_j = masked_mean(wql_B1N[:, 0], valid_B1N[:, 0])
+        # A model or stage predicts consecutive horizons: its targets are a slice.
+        scored = slice(out.horizons[0], out.horizons[-1] + 1)
+        wql_BJN, valid_BJN = weighted_quantile_loss(
+            pred_BJNQP, target[:, scored].to(pred_BJNQP.dtype), target_mask[:, scored].to(pred_BJNQP.dtype),
+            torch.tensor(cfg.quantiles, device=values_BW.device), scale_B1.view(-1).to(pred_BJNQP.dtype),
+            cfg.wql_denominator)
+        for i, j in enumerate(out.horizons):
+            loss_j = masked_mean(wql_BJN[:, i], valid_BJN[:, i])
             objective = objective + cfg.horizon_weight(j) * loss_j
             report[1 + j] = loss_j.detach().double() / (share.dp * share.tp * share.num_microbatches)
             report[0] += cfg.horizon_weight(j) * report[1 + j]

@@ -244,7 +244,7 @@ class Engine:
         total = total.sqrt()
         if max_norm != float("inf") and torch.isfinite(total):
             coef = max_norm / (float(total) + 1e-6)
-            if coef < 1.0:
+            if coef < 1.0:  # a Python float: DTensor grads on different meshes take it as they are
                 for part in self.model_parts:
                     for p in part.parameters():
                         if p.grad is not None:
@@ -271,12 +271,10 @@ def grad_norm_of(parts: list[nn.Module], skip_names: set[str] = frozenset()) -> 
                 plain.append(p.grad)
     device = next(p for part in parts for p in part.parameters()).device
     total_sq = torch.zeros((), dtype=torch.float64, device=device)
-    for grads in groups.values():
-        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-        norm = torch.linalg.vector_norm(norms)
-        total_sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2
-    if plain:
-        total_sq += torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in plain])).double() ** 2
+    for grads in [*groups.values(), plain]:
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            total_sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2
     return total_sq.sqrt()
 
 
