@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 
 # Discovery of complete checkpoints lives with the run-directory layout, so that inference and
 # evaluation can find checkpoints without importing the trainer; re-exported here.
-from timers1.rundir import (STEP_DIR, TMP_STEP_GLOB, latest_checkpoint, list_checkpoints,  # noqa: F401
+from timers1.rundir import (TMP_STEP_GLOB, latest_checkpoint, list_checkpoints,  # noqa: F401
                             step_dir_name, tmp_step_dir_name)
 
 # Single-process runs are a supported mode, not an accident worth a warning per save.
