@@ -30,6 +30,9 @@ setup(
         "matplotlib>=3.8",  # forecast plots, corpus inspection
         "statsforecast>=2.0",  # eval baselines (SeasonalNaive, Naive, AutoETS, AutoTheta)
         "tensorboard>=2.14",  # training metrics for TensorBoard
+        # Its mmap IndexedDataset (.bin/.idx) is the training form of a corpus, the format
+        # Megatron users already have; its MoELayer is the GPU peer in `timers1 bench gpu`.
+        "megatron-core>=0.12",
     ],
     extras_require={
         "peers": ["fracast>=0.1"],
