@@ -39,7 +39,8 @@ def test_round_trip_preserves_every_series_and_field(tmp_path):
     assert table.column("start")[1].as_py().year == 2020 and table.column("start")[0].as_py() is None
     assert manifest["domains"] == {"energy": {"rows": 20, "points": sum(r.values.size for r in records[0::2])},
                                    "web": {"rows": 20, "points": sum(r.values.size for r in records[1::2])}}
-    assert validate_corpus(tmp_path / "c") == {"rows": 40, "points": manifest["num_points"], "shards": 1}
+    assert validate_corpus(tmp_path / "c") == {"rows": 40, "points": manifest["num_points"], "shards": 1,
+                                               "compiled": False}
 
 
 def test_small_target_splits_into_several_shards_with_counts_and_hashes(tmp_path):

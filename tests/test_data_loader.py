@@ -11,6 +11,7 @@ import torch
 
 from timers1.config import DataConfig
 from timers1.data.augment import flip_sign, fourier_resample
+from timers1.data.compiled import compile_corpus
 from timers1.data.corpus import SeriesRecord, read_corpus, write_corpus
 from timers1.data.loader import CorpusLoader, WindowSampler, feistel_permute, make_loader
 from timers1.errors import InputError
@@ -28,6 +29,7 @@ def corpus_dir(tmp_path_factory):
         records.append(SeriesRecord(f"s{i}", values, domain=["energy", "web", "retail"][i % 3], source=f"src{i % 2}"))
     out = tmp_path_factory.mktemp("corpus")
     write_corpus(records, out)
+    compile_corpus(out)  # loaders given a directory read the memory-mapped form
     return out
 
 

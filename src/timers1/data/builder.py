@@ -22,10 +22,13 @@ README trains on; ``ensure_default_corpus`` builds it once into a cache director
 
 from __future__ import annotations
 
+import fcntl
+import multiprocessing
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,12 +36,12 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from timers1.data import synthetic
+from timers1.data import storage, synthetic
 from timers1.data.builtin import builtin_real_series
-from timers1.data.corpus import DEFAULT_TARGET_SHARD_BYTES, CorpusWriter, SeriesRecord, read_manifest
-from timers1.data.corpus import CorpusError
+from timers1.data.compiled import compile_corpus
+from timers1.data.corpus import DEFAULT_TARGET_SHARD_BYTES, CorpusError, CorpusWriter, SeriesRecord, read_manifest
 from timers1.data.ingest import (EVAL_DATASET_NAMES, RawSeries, excluded_name, hashes_of_files,
-                                 read_long, read_wide, series_hash)
+                                 normalize_name, read_long, read_wide, series_hash)
 from timers1.data.preprocess import PreprocessConfig, clean_series
 from timers1.config import read_yaml
 from timers1.errors import InputError
@@ -221,23 +224,69 @@ def _family_counts(num_series: int, weights: dict[str, float]) -> dict[str, int]
     return dict(zip(names, counts.tolist()))
 
 
-def _synthetic_records(spec: SourceSpec, seed: int) -> Iterator[tuple[RawSeries, str, str]]:
+# ---------------------------------------------------------------------------------------------
+# Work units: the builder splits every source into independent units (a file, a block of
+# synthetic series, the builtin set) that worker processes read, hash and clean; the parent
+# takes their results in unit order, so the corpus is the same whatever the number of workers.
+
+SYNTHETIC_UNIT_SERIES = 64
+INPUT_FILE_PATTERNS = ("*.csv", "*.csv.gz", "*.csv.bz2", "*.csv.zst", "*.tsv", "*.parquet", "*.pq")
+
+
+@dataclass
+class _Unit:
+    spec: SourceSpec
+    seed: int
+    source: str = ""
+    """Source name for read files (a directory source names all its files after itself)."""
+    path: str = ""
+    item_prefix: str = ""
+    family: str = ""
+    first: int = 0
+    stop: int = 0
+
+
+@dataclass
+class _Processed:
+    """One series after a worker has looked at it; the parent decides whether it is kept."""
+
+    item_id: str
+    domain: str
+    source: str
+    freq: str
+    start: Any
+    digest: str = ""
+    excluded_name: bool = False
+    values: np.ndarray | None = None
+    drop_reason: str = ""
+    outliers_removed: int = 0
+    imputed: int = 0
+
+
+def _synthetic_units(spec: SourceSpec, seed: int) -> Iterator[_Unit]:
     weights = spec.families or DEFAULT_FAMILY_WEIGHTS
     for family, count in _family_counts(spec.num_series, weights).items():
-        lo, hi = DEFAULT_LENGTHS.get(family, (SHORTEST_OTHER_POINTS, spec.max_length_points))
-        lo, hi = max(lo, spec.min_length_points), min(hi, spec.max_length_points)
-        lo = min(lo, hi)
-        for index in range(count):
-            length_rng = synthetic.family_rng(seed, family + ".length", index)
-            n_points = int(round(np.exp(length_rng.uniform(np.log(lo), np.log(hi)))))
-            values, freq = synthetic.generate(family, seed, index, n_points)
-            item = RawSeries(f"{family}_{index:06d}", values, None, spec.freq or freq)
-            yield item, spec.domain or "synthetic", f"synthetic.{family}"
+        for first in range(0, count, SYNTHETIC_UNIT_SERIES):
+            yield _Unit(spec, seed, family=family, first=first, stop=min(count, first + SYNTHETIC_UNIT_SERIES))
 
 
-def _source_series(spec: SourceSpec, seed: int) -> Iterator[tuple[RawSeries, str, str]]:
+def _synthetic_series(unit: _Unit) -> Iterator[tuple[RawSeries, str, str]]:
+    spec, family = unit.spec, unit.family
+    lo, hi = DEFAULT_LENGTHS.get(family, (SHORTEST_OTHER_POINTS, spec.max_length_points))
+    lo, hi = max(lo, spec.min_length_points), min(hi, spec.max_length_points)
+    lo = min(lo, hi)
+    for index in range(unit.first, unit.stop):
+        length_rng = synthetic.family_rng(unit.seed, family + ".length", index)
+        n_points = int(round(np.exp(length_rng.uniform(np.log(lo), np.log(hi)))))
+        values, freq = synthetic.generate(family, unit.seed, index, n_points)
+        item = RawSeries(f"{family}_{index:06d}", values, None, spec.freq or freq)
+        yield item, spec.domain or "synthetic", f"synthetic.{family}"
+
+
+def _unit_series(unit: _Unit) -> Iterator[tuple[RawSeries, str, str]]:
+    spec = unit.spec
     if spec.type == "synthetic":
-        yield from _synthetic_records(spec, seed)
+        yield from _synthetic_series(unit)
     elif spec.type == "builtin":
         found, problems = builtin_real_series()
         for problem in problems:
@@ -245,24 +294,152 @@ def _source_series(spec: SourceSpec, seed: int) -> Iterator[tuple[RawSeries, str
         for series, domain, source in found:
             yield series, spec.domain or domain, source
     else:
-        reader = read_long if spec.type == "long" else read_wide
-        kwargs = ({"item_column": spec.item_column, "timestamp_column": spec.timestamp_column,
-                   "target_column": spec.target_column} if spec.type == "long"
-                  else {"timestamp_column": spec.timestamp_column or None})
-        name = spec.name or Path(spec.path).name
-        for series in reader(spec.path, **kwargs):
+        if spec.type == "long":
+            found = read_long(unit.path, item_column=spec.item_column, timestamp_column=spec.timestamp_column,
+                              target_column=spec.target_column)
+        else:
+            found = read_wide(unit.path, timestamp_column=spec.timestamp_column or None)
+        for series in found:
             if spec.freq:
                 series.freq = spec.freq
-            yield series, spec.domain or "unknown", name
+            series.item_id = unit.item_prefix + series.item_id
+            yield series, spec.domain or "unknown", unit.source
+
+
+def _process_unit(unit: _Unit, excluded_names: list[str]) -> list[_Processed]:
+    """Read, hash and clean the series of one unit (runs in a worker process)."""
+    out = []
+    for raw, domain, source in _unit_series(unit):
+        item = _Processed(raw.item_id, domain, source, raw.freq, raw.start)
+        # Real series are checked per series too: a builtin or ingested dataset may carry an
+        # evaluation set's name only in its item ids.
+        if unit.spec.type != "synthetic" and excluded_name(raw.item_id, excluded_names):
+            item.excluded_name = True
+        else:
+            item.digest = series_hash(raw.values)
+            result = clean_series(raw.values, unit.spec.preprocess)
+            item.values, item.drop_reason = result.values, result.drop_reason or ""
+            item.outliers_removed, item.imputed = result.outliers_removed, result.imputed
+        out.append(item)
+    return out
+
+
+def _source_units(spec: SourceSpec, seed: int, excluded_names: list[str],
+                  skipped_sources: list[dict]) -> Iterator[_Unit]:
+    if spec.type == "synthetic":
+        yield from _synthetic_units(spec, seed)
+        return
+    if spec.type == "builtin":
+        yield _Unit(spec, seed)
+        return
+    label = spec.name or Path(spec.path.rstrip("/")).name
+    match = excluded_name(spec.name or spec.path, excluded_names) or excluded_name(spec.path, excluded_names)
+    if match:
+        skipped_sources.append({"source": label, "path": spec.path, "evaluation_set": match})
+        return
+    files = storage.expand(spec.path, INPUT_FILE_PATTERNS)
+    several = len(files) > 1 or storage.is_dir(spec.path)
+    for path in files:
+        match = excluded_name(path, excluded_names) if several else None
+        if match:  # an evaluation set's file inside a directory of training files
+            skipped_sources.append({"source": label, "path": path, "evaluation_set": match})
+            continue
+        prefix = f"{_file_stem(path)}/" if several else ""
+        yield _Unit(spec, seed, source=label, path=path, item_prefix=prefix)
+
+
+def _file_stem(path: str) -> str:
+    return normalize_name(path.rsplit("/", 1)[-1])
+
+
+class HashSet64:
+    """Set of 64-bit content hashes in one open-addressing numpy table: 16 bytes per series at
+    most (a Python set of hex strings costs ~120), so deduplicating 100M series takes 1.6 GB,
+    not 12. Keys are the first 64 bits of the series' sha256: a false duplicate needs ~4e9
+    series before it becomes likely."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self._table = np.zeros(1 << max(4, (capacity - 1).bit_length()), dtype=np.uint64)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _slot(self, key: int) -> int:
+        """Slot holding ``key``, or the empty slot where it would go (linear probing)."""
+        table = self._table
+        mask = table.size - 1
+        slot = key & mask
+        while True:
+            held = int(table[slot])
+            if held == 0 or held == key:
+                return slot
+            slot = (slot + 1) & mask
+
+    @staticmethod
+    def _key(digest: str) -> int:
+        return int(digest[:16], 16) or 1  # 0 marks an empty slot
+
+    def __contains__(self, digest: str) -> bool:
+        return int(self._table[self._slot(self._key(digest))]) != 0
+
+    def add(self, digest: str) -> None:
+        key = self._key(digest)
+        slot = self._slot(key)
+        if int(self._table[slot]) == key:
+            return
+        self._table[slot] = key
+        self._size += 1
+        if 2 * self._size > self._table.size:
+            self._grow()
+
+    def _grow(self) -> None:
+        keys = self._table[self._table != 0]
+        self._table = np.zeros(self._table.size * 2, dtype=np.uint64)
+        for key in keys.tolist():
+            self._table[self._slot(key)] = key
+
+
+def _results_in_order(units: Iterator[_Unit], excluded_names: list[str],
+                      workers: int) -> Iterator[tuple[_Unit, list[_Processed]]]:
+    """(unit, its processed series) in the order given; with workers, at most 2 units per worker
+    are in flight, so memory stays bounded by a few units however large the input."""
+    if workers <= 1:
+        for unit in units:
+            yield unit, _process_unit(unit, excluded_names)
+        return
+    # spawn, not fork: the trainer calls the builder after torch has started its thread pools.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for unit in units:
+            pending.append((unit, pool.submit(_process_unit, unit, excluded_names)))
+            if len(pending) >= 2 * workers:
+                unit, future = pending.popleft()
+                yield unit, future.result()
+        while pending:
+            unit, future = pending.popleft()
+            yield unit, future.result()
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: bool | None = None,
-                 overwrite: bool = False) -> dict:
-    """Build the corpus ``cfg`` describes into ``out_dir`` (or cfg.output_dir); returns the summary."""
+                 overwrite: bool = False, workers: int | None = None, compile: bool = True) -> dict:
+    """Build the corpus ``cfg`` describes into ``out_dir`` (or cfg.output_dir); returns the summary.
+
+    Streams: sources are split into units (files, blocks of synthetic series) that ``workers``
+    processes read and clean while the parent deduplicates by value hash (``HashSet64``) and
+    writes shards as they fill; memory is a few units plus 16 bytes per series kept. The
+    output does not depend on ``workers``. ``compile`` also writes the memory-mapped training
+    form (compiled.py), which is what training reads.
+    """
     out_dir = Path(out_dir or cfg.output_dir or "")
     if not str(out_dir):
         raise InputError("build config: output_dir is empty and no output directory was given")
     started = time.perf_counter()
+    workers = default_workers() if workers is None else max(1, int(workers))
     excluded_names = list(EVAL_DATASET_NAMES) + list(cfg.exclude_names)
     excluded_hashes = set(cfg.exclude_hashes) | hashes_of_files(cfg.exclude_hash_files)
     if progress is None:
@@ -270,48 +447,40 @@ def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: 
     total_hint = sum(s.num_series for s in cfg.sources if s.type == "synthetic") or None
     bar = tqdm(total=total_hint, unit="series", desc="build", disable=not progress)
     stats: list[_SourceStats] = []
+    by_source: dict[tuple[int, str], _SourceStats] = {}  # per (config entry, source name)
     skipped_sources: list[dict] = []
-    seen_hashes: set[str] = set()
+    seen_hashes = HashSet64()
+    units = (unit for spec in cfg.sources
+             for unit in _source_units(spec, cfg.seed, excluded_names, skipped_sources))
     with CorpusWriter(out_dir, int(cfg.target_shard_mb * 2**20), overwrite=overwrite) as writer:
-        for spec in cfg.sources:
-            label = spec.name or (Path(spec.path).name if spec.path else spec.type)
-            if spec.type in ("long", "wide"):
-                match = excluded_name(spec.name or spec.path, excluded_names) or (
-                    excluded_name(spec.path, excluded_names) if spec.path else None)
-                if match:
-                    skipped_sources.append({"source": label, "path": spec.path, "evaluation_set": match})
-                    continue
-            by_source: dict[str, _SourceStats] = {}
-            for raw, domain, source in _source_series(spec, cfg.seed):
-                st = by_source.get(source)
+        for unit, processed in _results_in_order(units, excluded_names, workers):
+            for item in processed:
+                st = by_source.get((id(unit.spec), item.source))
                 if st is None:
-                    st = by_source[source] = _SourceStats(source)
+                    st = by_source[(id(unit.spec), item.source)] = _SourceStats(item.source)
                     stats.append(st)
                 st.series_in += 1
                 bar.update(1)
-                # Real series are checked per series too: a builtin or ingested dataset may
-                # carry an evaluation set's name only in its item ids.
-                if spec.type != "synthetic" and excluded_name(raw.item_id, excluded_names):
+                if item.excluded_name:
                     st.dropped["excluded_name"] += 1
                     continue
-                digest = series_hash(raw.values)
-                if digest in excluded_hashes:
+                if item.digest in excluded_hashes:
                     st.dropped["excluded_hash"] += 1
                     continue
-                if digest in seen_hashes:
+                if item.digest in seen_hashes:
                     st.dropped["duplicate"] += 1
                     continue
-                result = clean_series(raw.values, spec.preprocess)
-                st.outliers_removed += result.outliers_removed
-                st.imputed += result.imputed
-                if result.values is None:
-                    st.dropped[result.drop_reason] += 1
+                st.outliers_removed += item.outliers_removed
+                st.imputed += item.imputed
+                if item.values is None:
+                    # Not remembered: another source's preprocessing may keep the same values.
+                    st.dropped[item.drop_reason] += 1
                     continue
-                seen_hashes.add(digest)
-                writer.add(SeriesRecord(item_id=f"{source}/{raw.item_id}", values=result.values,
-                                        domain=domain, source=source, freq=raw.freq, start=raw.start))
+                seen_hashes.add(item.digest)
+                writer.add(SeriesRecord(item_id=f"{item.source}/{item.item_id}", values=item.values,
+                                        domain=item.domain, source=item.source, freq=item.freq, start=item.start))
                 st.kept += 1
-                st.points += int(result.values.size)
+                st.points += int(item.values.size)
         bar.close()
         dropped = Counter()
         for st in stats:
@@ -328,9 +497,13 @@ def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: 
             "seed": cfg.seed,
             "seconds": round(time.perf_counter() - started, 2),
         }
+        summary["workers"] = workers
+        summary["points_per_s"] = round(summary["points_kept"] / max(summary["seconds"], 1e-9))
         manifest = writer.close(summary)
     summary["shards"] = len(manifest["shards"])
     summary["output_dir"] = str(out_dir)
+    if compile:
+        summary["compile_seconds"] = compile_corpus(out_dir, progress=progress)["seconds"]
     return summary
 
 
@@ -354,8 +527,9 @@ def default_build_config(num_synthetic_series: int = DEFAULT_NUM_SYNTHETIC_SERIE
 def build_default_corpus(out_dir: str | Path, num_synthetic_series: int = DEFAULT_NUM_SYNTHETIC_SERIES,
                          seed: int = 0, include_real: bool = True,
                          target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
-                         progress: bool | None = None, overwrite: bool = False) -> dict:
-    """Build the no-download default corpus; returns the build summary.
+                         progress: bool | None = None, overwrite: bool = False,
+                         workers: int | None = None) -> dict:
+    """Build the no-download default corpus and its training form; returns the build summary.
 
     About 16M points at the default size: real series shipped in statsmodels and matplotlib
     plus ``num_synthetic_series`` synthetic ones of 16-8,192 points (per-family ranges in
@@ -365,23 +539,28 @@ def build_default_corpus(out_dir: str | Path, num_synthetic_series: int = DEFAUL
     """
     cfg = default_build_config(num_synthetic_series, seed, include_real)
     cfg.target_shard_mb = target_shard_bytes / 2**20
-    return build_corpus(cfg, out_dir, progress=progress, overwrite=overwrite)
+    return build_corpus(cfg, out_dir, progress=progress, overwrite=overwrite, workers=workers)
 
 
 def ensure_default_corpus(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Path of the default corpus, building it first if the cache lacks a valid one.
+    """Path of the default corpus, building (and compiling) it first if the cache lacks it.
 
     Cache: ``cache_dir``, else $TIMERS1_CACHE, else ~/.cache/timers1; the corpus lives in
-    ``default_corpus_<version>_seed<seed>`` under it.
+    ``default_corpus_<version>_seed<seed>`` under it. Every rank of a job may call this at
+    once: a file lock lets the first build while the others wait and then find it built.
     """
     root = Path(cache_dir or os.environ.get("TIMERS1_CACHE") or Path.home() / ".cache" / "timers1")
     out = root / f"default_corpus_{DEFAULT_CORPUS_VERSION}_seed{seed}"
-    try:
-        read_manifest(out)
-        return out
-    except CorpusError:
-        pass
-    build_default_corpus(out, seed=seed, overwrite=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            manifest = read_manifest(out)
+        except CorpusError:
+            build_default_corpus(out, seed=seed, overwrite=True)
+            return out
+        if "compiled" not in manifest:  # cached by a version that trained from Parquet
+            compile_corpus(out)
     return out
 
 
@@ -389,7 +568,9 @@ def format_summary(summary: dict) -> str:
     """Human-readable build summary (the CLI prints it; the manifest stores the dict)."""
     lines = [f"built {summary.get('output_dir', '')}: {summary['series_kept']} series, "
              f"{summary['points_kept']:,} points in {summary.get('shards', '?')} shard(s), "
-             f"{summary['seconds']} s",
+             f"{summary['seconds']} s ({summary.get('points_per_s', 0):,} points/s with "
+             f"{summary.get('workers', 1)} worker(s))"
+             + (f"; training form compiled in {summary['compile_seconds']} s" if "compile_seconds" in summary else ""),
              f"  read {summary['series_in']} series; dropped: "
              + (", ".join(f"{k}={v}" for k, v in summary["dropped"].items()) or "none"),
              f"  outlier points removed: {summary['outliers_removed']}, points imputed: {summary['imputed_points']}"]

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from timers1.data import storage
 from timers1.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
@@ -72,7 +73,8 @@ class SeriesRecord:
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fs, inner = storage.resolve(path)
+    with fs.open_input_stream(inner) as fh:
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
@@ -194,9 +196,7 @@ class CorpusWriter:
             "domains": dict(sorted(self._domains.items())),
             "summary": summary or {},
         }
-        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
-        os.replace(tmp, self.out_dir / MANIFEST_NAME)  # atomic: a manifest is never half-written
+        write_manifest(self.out_dir, manifest)
         return manifest
 
     def abort(self) -> None:
@@ -229,14 +229,14 @@ def write_corpus(records: Iterable[SeriesRecord], out_dir: str | Path,
 # Reading
 
 def read_manifest(corpus_dir: str | Path) -> dict:
-    corpus_dir = Path(corpus_dir)
-    path = corpus_dir / MANIFEST_NAME
-    if not corpus_dir.is_dir():
+    """The manifest of a corpus directory (a local path or a pyarrow.fs URI)."""
+    path = storage.join(corpus_dir, MANIFEST_NAME)
+    if not storage.is_dir(corpus_dir):
         raise CorpusError(f"{corpus_dir}: corpus directory does not exist")
-    if not path.is_file():
+    if storage.file_size(path) is None:
         raise CorpusError(f"{path}: missing; {corpus_dir} is not a built corpus (run `timers1 data build`)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorpusError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -248,6 +248,22 @@ def read_manifest(corpus_dir: str | Path) -> dict:
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "file" in s for s in shards):
         raise CorpusError(f"{path}: field 'shards' must be a list of {{file, rows, points, bytes, sha256}}")
     return manifest
+
+
+def write_manifest(corpus_dir: str | Path, manifest: dict) -> None:
+    """Atomically replace a local corpus directory's manifest (a reader never sees half of one)."""
+    tmp = Path(corpus_dir) / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
+    os.replace(tmp, Path(corpus_dir) / MANIFEST_NAME)
+
+
+def corpus_fingerprint(manifest: dict) -> str:
+    """A short id of the corpus content (from the shard hashes); loader state records it so a
+    resume on another corpus is refused, and the compiled form records the one it was made from."""
+    digest = hashlib.sha256()
+    for shard in manifest.get("shards", []):
+        digest.update(str(shard.get("sha256", shard.get("file"))).encode())
+    return digest.hexdigest()[:16]
 
 
 def _check_schema(path: Path, schema: pa.Schema, columns: list[str]) -> None:
@@ -269,21 +285,48 @@ def _check_schema(path: Path, schema: pa.Schema, columns: list[str]) -> None:
 
 
 def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Read one shard, checking that it is Parquet and has the corpus columns and types."""
-    path = Path(path)
+    """Read one shard (path or URI), checking that it is Parquet with the corpus columns and types."""
     columns = list(columns or COLUMNS)
-    if not path.is_file():
+    if storage.file_size(path) is None:
         raise CorpusError(f"{path}: shard file does not exist")
+    fs, inner = storage.resolve(path)
     try:
-        parquet = pq.ParquetFile(path)
-        _check_schema(path, parquet.schema_arrow, columns)
-        table = parquet.read(columns=columns)
+        with fs.open_input_file(inner) as source:
+            parquet = pq.ParquetFile(source)
+            _check_schema(Path(str(path)), parquet.schema_arrow, columns)
+            table = parquet.read(columns=columns)
     except CorpusError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorpusError(f"{path}: not a readable Parquet shard (corrupt, truncated or another format): "
                           f"{str(exc).splitlines()[0]}") from None
     return table
+
+
+def read_checked_shard(corpus_dir: str | Path, entry: dict, columns: list[str],
+                       verify_hash: bool = False) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """(table, flat float32 values, int64 lengths) of one manifest entry, with its rows, points
+    and values checked against the manifest (and its sha256 when ``verify_hash``)."""
+    path = storage.join(corpus_dir, entry["file"])
+    if verify_hash:
+        _verify_shard_hash(path, entry)
+    table = read_shard(path, list(dict.fromkeys(["item_id", "values", *columns])))
+    column = table.column("values")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if (pc.sum(pc.is_null(column)).as_py() or 0) > 0:
+        row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+        raise CorpusError(f"{path}: row {row}: column 'values' is null")
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        row = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(bad)[0], side="right"))
+        raise CorpusError(f"{path}: row {row} (item_id {table.column('item_id')[row].as_py()!r}): "
+                          f"column 'values' holds a NaN, null or infinite value")
+    if "rows" in entry and entry["rows"] != table.num_rows:
+        raise CorpusError(f"{path}: has {table.num_rows} rows, manifest says {entry['rows']}")
+    if "points" in entry and entry["points"] != int(lengths.sum()):
+        raise CorpusError(f"{path}: has {int(lengths.sum())} points, manifest says {entry['points']}")
+    return table, flat, lengths.astype(np.int64)
 
 
 @dataclass
@@ -314,16 +357,21 @@ class Corpus:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def num_points(self) -> int:
+        return int(self.offsets[-1])
+
     def series(self, index: int) -> np.ndarray:
         return self.values[self.offsets[index]:self.offsets[index + 1]]
 
+    def window(self, index: int, start: int, length: int) -> np.ndarray:
+        """Points [start, start + length) of series ``index`` (a view)."""
+        begin = self.offsets[index] + start
+        return self.values[begin:begin + length]
+
     @property
     def fingerprint(self) -> str:
-        """A short id of the corpus content (from the shard hashes), stored in loader state."""
-        digest = hashlib.sha256()
-        for shard in self.manifest.get("shards", []):
-            digest.update(str(shard.get("sha256", shard.get("file"))).encode())
-        return digest.hexdigest()[:16]
+        return corpus_fingerprint(self.manifest)
 
 
 def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
@@ -332,32 +380,14 @@ def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
 
 
 def read_corpus(corpus_dir: str | Path, verify_hashes: bool = False) -> Corpus:
-    """Load a corpus into memory. ``verify_hashes`` also checks every shard's sha256."""
-    corpus_dir = Path(corpus_dir)
+    """Load a whole corpus into memory (tests, inspection, small corpora; training maps the
+    compiled form instead, see compiled.py). ``verify_hashes`` also checks every shard's sha256."""
     manifest = read_manifest(corpus_dir)
     flats, lengths_all, item_ids, domains, sources, freqs = [], [], [], [], [], []
     for entry in manifest["shards"]:
-        path = corpus_dir / entry["file"]
-        if verify_hashes:
-            _verify_shard_hash(path, entry)
-        table = read_shard(path, ["item_id", "values", "freq", "domain", "source"])
-        column = table.column("values")
-        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-        if (pc.sum(pc.is_null(column)).as_py() or 0) > 0:
-            row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
-            raise CorpusError(f"{path}: row {row}: column 'values' is null")
-        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        bad = ~np.isfinite(flat)
-        if bad.any():
-            row = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(bad)[0], side="right"))
-            raise CorpusError(f"{path}: row {row} (item_id {table.column('item_id')[row].as_py()!r}): "
-                              f"column 'values' holds a NaN, null or infinite value")
-        if "rows" in entry and entry["rows"] != table.num_rows:
-            raise CorpusError(f"{path}: has {table.num_rows} rows, manifest says {entry['rows']}")
-        if "points" in entry and entry["points"] != int(lengths.sum()):
-            raise CorpusError(f"{path}: has {int(lengths.sum())} points, manifest says {entry['points']}")
+        table, flat, lengths = read_checked_shard(corpus_dir, entry, ["freq", "domain", "source"], verify_hashes)
         flats.append(flat)
-        lengths_all.append(lengths.astype(np.int64))
+        lengths_all.append(lengths)
         item_ids.extend(table.column("item_id").to_pylist())
         freqs.extend(table.column("freq").to_pylist())
         domains.append(table.column("domain"))
@@ -372,39 +402,77 @@ def read_corpus(corpus_dir: str | Path, verify_hashes: bool = False) -> Corpus:
         [c for col in sources for c in col.chunks], type=pa.string())) if sources else (np.zeros(0, np.int32), [])
     return Corpus(values=values, offsets=offsets, item_ids=item_ids, domain_codes=domain_codes,
                   domain_names=domain_names, source_codes=source_codes, source_names=source_names,
-                  freqs=freqs, manifest=manifest, directory=corpus_dir)
+                  freqs=freqs, manifest=manifest, directory=Path(corpus_dir) if not storage.is_uri(corpus_dir) else None)
 
 
-def _verify_shard_hash(path: Path, entry: dict) -> None:
-    if not path.is_file():
-        raise CorpusError(f"{path}: shard listed in the manifest does not exist")
-    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
-        raise CorpusError(f"{path}: is {path.stat().st_size} bytes, manifest says {entry['bytes']} "
-                          f"(truncated or replaced)")
-    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+def check_file(path: str | Path, entry: dict, verify_hash: bool = False) -> None:
+    """A file the manifest lists exists with the manifest's size (and sha256 when asked)."""
+    size = storage.file_size(path)
+    if size is None:
+        raise CorpusError(f"{path}: listed in the manifest but does not exist")
+    if "bytes" in entry and size != entry["bytes"]:
+        raise CorpusError(f"{path}: is {size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
+    if verify_hash and "sha256" in entry and file_sha256(path) != entry["sha256"]:
         raise CorpusError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
 
 
-def validate_corpus(corpus_dir: str | Path) -> dict:
-    """Check a corpus end to end; returns {rows, points, shards} or raises CorpusError.
+def _verify_shard_hash(path: str, entry: dict) -> None:
+    check_file(path, entry, verify_hash=True)
 
-    Checks: the manifest parses; every shard exists with the manifest's size and sha256; every
-    shard is Parquet with the corpus columns and types; row and point counts match; values are
-    finite; no shard lies in the directory that the manifest does not list.
+
+def validate_corpus(corpus_dir: str | Path, deep: bool = False) -> dict:
+    """Check a corpus; returns {rows, points, shards, compiled} or raises CorpusError naming the file.
+
+    Always: the manifest parses; every shard exists with the manifest's size; every shard's
+    Parquet footer has the corpus columns and the manifest's row count; totals add up; no shard
+    lies in the directory that the manifest does not list; the compiled training form (when
+    there is one) has the manifest's file sizes and an index that agrees with the manifest.
+    ``deep`` also checks every file's sha256 and reads every value (finite, counts, and equal
+    between the Parquet shards and the compiled form), one shard at a time.
     """
-    corpus_dir = Path(corpus_dir)
+    from timers1.data.compiled import check_compiled  # the compiled form builds on this module
+
     manifest = read_manifest(corpus_dir)
+    manifest_path = storage.join(corpus_dir, MANIFEST_NAME)
     listed = {entry["file"] for entry in manifest["shards"]}
-    for stray in sorted(corpus_dir.glob("shard-*.parquet")):
-        if stray.name not in listed:
-            raise CorpusError(f"{stray}: shard is not listed in {corpus_dir / MANIFEST_NAME}")
-    corpus = read_corpus(corpus_dir, verify_hashes=True)
-    rows, points = corpus.num_series, int(corpus.offsets[-1])
+    if not storage.is_uri(corpus_dir):
+        for stray in sorted(Path(corpus_dir).glob("shard-*.parquet")):
+            if stray.name not in listed:
+                raise CorpusError(f"{stray}: shard is not listed in {manifest_path}")
+    rows = points = 0
+    for entry in manifest["shards"]:
+        path = storage.join(corpus_dir, entry["file"])
+        if deep:
+            _, _, lengths = read_checked_shard(corpus_dir, entry, [], verify_hash=True)
+            shard_rows, shard_points = len(lengths), int(lengths.sum())
+        else:
+            check_file(path, entry)
+            shard_rows = _footer_rows(path)
+            if "rows" in entry and entry["rows"] != shard_rows:
+                raise CorpusError(f"{path}: has {shard_rows} rows, manifest says {entry['rows']}")
+            shard_points = int(entry.get("points", 0))
+        rows += shard_rows
+        points += shard_points
     if manifest.get("num_rows", rows) != rows or manifest.get("num_points", points) != points:
-        raise CorpusError(f"{corpus_dir / MANIFEST_NAME}: totals (num_rows={manifest.get('num_rows')}, "
+        raise CorpusError(f"{manifest_path}: totals (num_rows={manifest.get('num_rows')}, "
                           f"num_points={manifest.get('num_points')}) do not match the shards "
                           f"({rows} rows, {points} points)")
-    return {"rows": rows, "points": points, "shards": len(manifest["shards"])}
+    compiled = check_compiled(corpus_dir, manifest, deep=deep) if "compiled" in manifest else False
+    return {"rows": rows, "points": points, "shards": len(manifest["shards"]), "compiled": bool(compiled)}
+
+
+def _footer_rows(path: str) -> int:
+    fs, inner = storage.resolve(path)
+    try:
+        with fs.open_input_file(inner) as source:
+            parquet = pq.ParquetFile(source)
+            _check_schema(Path(str(path)), parquet.schema_arrow, COLUMNS)
+            return parquet.metadata.num_rows
+    except CorpusError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CorpusError(f"{path}: not a readable Parquet shard (corrupt, truncated or another format): "
+                          f"{str(exc).splitlines()[0]}") from None
 
 
 def length_histogram(lengths: np.ndarray) -> list[tuple[str, int]]:

@@ -51,7 +51,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from timers1.data.augment import flip_sign, fourier_resample
-from timers1.data.corpus import Corpus, read_corpus
+from timers1.data.compiled import MappedCorpus, open_compiled
+from timers1.data.corpus import Corpus
 from timers1.errors import InputError
 
 STATE_VERSION = 1
@@ -118,7 +119,7 @@ class WindowBatch:
 class WindowSampler:
     """Maps a range of global slots to a batch of windows; holds no iteration state."""
 
-    def __init__(self, corpus: Corpus, window_points: int, seed: int = 0,
+    def __init__(self, corpus: Corpus | MappedCorpus, window_points: int, seed: int = 0,
                  mixture_weights: dict[str, float] | None = None, flip_probability: float = 0.0,
                  resample_probability: float = 0.0,
                  resample_factors: tuple[float, ...] | list[float] = DEFAULT_RESAMPLE_FACTORS,
@@ -146,7 +147,6 @@ class WindowSampler:
         # Source points a window needs at each factor (>= 2 so a spectrum exists).
         self._source_points = np.maximum(2, np.round(self.resample_factors * self.window_points)).astype(np.int64)
         self.lengths = corpus.lengths.astype(np.int64)
-        self.series_begin = corpus.offsets[:-1].astype(np.int64)
         self.series_weight = self._series_weights(mixture_weights or {})
         natural = np.ceil(self.lengths / self.window_points)
         expected = natural * self.series_weight
@@ -218,19 +218,19 @@ class WindowSampler:
             source_points = np.where(resampled, wanted, W)
         taken = np.minimum(n, source_points)
         start = np.minimum((u_start * (n - taken + 1)).astype(np.int64), n - taken)
-        begin = self.series_begin[series] + start
 
         values = np.zeros((B, W), dtype=np.float32)
-        flat = self.corpus.values
+        read = self.corpus.window
         plain = np.flatnonzero(~resampled)
-        # Row copies of contiguous spans beat a fancy-index gather: no [B, W] index array.
+        # Row copies of contiguous spans beat a fancy-index gather: no [B, W] index array, and
+        # a memory-mapped corpus pages in only the windows drawn.
         pad = W - taken
         for i in plain.tolist():
-            values[i, pad[i]:] = flat[begin[i]: begin[i] + taken[i]]
+            values[i, pad[i]:] = read(series[i], start[i], taken[i])
         if resampled.any():
             for m in np.unique(source_points[resampled]).tolist():
                 rows = np.flatnonzero(resampled & (source_points == m))
-                segments = np.stack([flat[b: b + m] for b in begin[rows].tolist()])
+                segments = np.stack([read(series[i], start[i], m) for i in rows.tolist()])
                 values[rows] = fourier_resample(segments, W)
             pad = np.where(resampled, 0, pad)
         if self.truncate_probability > 0:
@@ -282,7 +282,7 @@ class WindowDataset(IterableDataset):
 class CorpusLoader:
     """Iterable of batches {'values', 'mask'} with exact state_dict()/load_state_dict()."""
 
-    def __init__(self, corpus: Corpus | str | Path, window_points: int, batch_size: int, rank: int = 0,
+    def __init__(self, corpus: Corpus | MappedCorpus | str | Path, window_points: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, num_workers: int = 0,
                  mixture_weights: dict[str, float] | None = None, flip_probability: float = 0.0,
                  resample_probability: float = 0.0,
@@ -295,8 +295,8 @@ class CorpusLoader:
             raise InputError(f"batch_size={batch_size!r}: must be >= 1")
         if num_workers < 0:
             raise InputError(f"num_workers={num_workers!r}: must be >= 0")
-        if not isinstance(corpus, Corpus):
-            corpus = read_corpus(corpus)
+        if not isinstance(corpus, (Corpus, MappedCorpus)):
+            corpus = open_compiled(corpus)
         self.sampler = WindowSampler(corpus, window_points, seed, mixture_weights, flip_probability,
                                      resample_probability, resample_factors, truncate_probability,
                                      truncate_min_points)
@@ -366,7 +366,7 @@ class CorpusLoader:
             self._batches = 0
 
 
-def make_loader(data_cfg, corpus_dir: str | Path | Corpus, window_points: int, batch_size: int,
+def make_loader(data_cfg, corpus_dir: str | Path | Corpus | MappedCorpus, window_points: int, batch_size: int,
                 rank: int = 0, world_size: int = 1, pin_memory: bool = False,
                 truncate_min_points: int = 1) -> CorpusLoader:
     """The trainer's entry point: a CorpusLoader configured from a DataConfig.

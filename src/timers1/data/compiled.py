@@ -1,0 +1,266 @@
+"""The training form of a corpus: megatron-core's memory-mapped IndexedDataset.
+
+Parquet (corpus.py) is how a corpus is built, exchanged and archived: compressed, columnar,
+readable by anything. Training needs something else: O(1) random access to any window of any
+series without decompressing, one copy per node however many ranks read it, and a start-up
+that reads an index rather than the values. ``compile_corpus`` writes that form beside the
+shards (or into another local directory), one shard at a time, so it never holds the corpus:
+
+    series.bin           every series' float32 values back to back (megatron-core .bin)
+    series.idx           megatron-core index: per-series lengths (int32) and byte offsets
+                         (int64); its "documents" are the Parquet shards
+    series_domain.npy    int32 domain code per series     } memory-mapped with numpy
+    series_source.npy    int32 source code per series     }
+
+and records them in the manifest under ``compiled``: sizes, sha256s, the domain and source
+names the codes index, and the fingerprint of the shards it was compiled from. Why megatron-core's
+format rather than Arrow IPC: it is what Megatron users already have on their clusters (a corpus
+tokenised for Megatron's GPT datasets is the same two files), its reader is a plain np.memmap
+(page cache shared by every rank and DataLoader worker of a node, nothing private per series
+but two index views), and its ``get(i, offset, length)`` is exactly a window read.
+
+``open_compiled`` is what the trainer calls: it checks every compiled file's size and the
+shards' sizes against the manifest, refuses a compiled form that was made from other shards,
+and returns a ``MappedCorpus`` that the window sampler reads like an in-memory ``Corpus``.
+Item ids, frequencies and start times stay in Parquet: the training path never needs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from timers1.data import storage
+from timers1.data.corpus import (CorpusError, check_file, corpus_fingerprint, file_sha256, read_checked_shard,
+                                 read_manifest, write_manifest)
+
+PREFIX = "series"
+BIN_FILE, IDX_FILE = f"{PREFIX}.bin", f"{PREFIX}.idx"
+DOMAIN_FILE, SOURCE_FILE = f"{PREFIX}_domain.npy", f"{PREFIX}_source.npy"
+COMPILED_FILES = (BIN_FILE, IDX_FILE, DOMAIN_FILE, SOURCE_FILE)
+COMPILED_FORMAT = "megatron-core IndexedDataset, float32"
+
+
+def _megatron_indexed_dataset():
+    """megatron-core's reader and writer, imported on first use (it pulls in ~4 s of modules)
+    without its warnings about Transformer Engine and Apex, which it does not need here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+class _Codes:
+    """Names -> dense int32 codes in first-seen order (what pc.dictionary_encode gives a whole
+    corpus read at once, so both readers number domains and sources alike)."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def encode(self, column: pa.ChunkedArray) -> np.ndarray:
+        encoded = pc.dictionary_encode(column).combine_chunks()
+        local = np.array([self._code(name) for name in encoded.dictionary.to_pylist()], dtype=np.int32)
+        return local[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    def _code(self, name: str) -> int:
+        if name not in self._index:
+            self._index[name] = len(self.names)
+            self.names.append(name)
+        return self._index[name]
+
+
+def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
+                   progress: bool | None = None) -> dict:
+    """Write the memory-mapped training form of a Parquet corpus; returns the manifest's
+    ``compiled`` entry.
+
+    ``corpus_dir`` may be a URI (s3://, gs://, hdfs://, file://); ``out_dir`` (default: the
+    corpus directory itself, which must then be local) is a local or shared POSIX directory that
+    receives the compiled files and a copy of the manifest. Files are written under temporary
+    names and renamed before the manifest, which is replaced last: a crash leaves the previous
+    state (compiled or not), never a manifest that points at half-written files.
+    """
+    started = time.perf_counter()
+    manifest = read_manifest(corpus_dir)
+    if out_dir is None:
+        if storage.is_uri(corpus_dir):
+            raise CorpusError(f"{corpus_dir}: the training form is memory-mapped and must be local; "
+                              f"give --out DIR (a local or shared POSIX directory)")
+        out_dir = corpus_dir
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    indexed = _megatron_indexed_dataset()
+    tmp = {name: out / f".{name}.partial" for name in COMPILED_FILES}
+    num_rows = int(sum(entry.get("rows", 0) for entry in manifest["shards"]))
+    builder = indexed.IndexedDatasetBuilder(str(tmp[BIN_FILE]), dtype=np.float32)
+    domain_codes = np.lib.format.open_memmap(tmp[DOMAIN_FILE], mode="w+", dtype=np.int32, shape=(num_rows,))
+    source_codes = np.lib.format.open_memmap(tmp[SOURCE_FILE], mode="w+", dtype=np.int32, shape=(num_rows,))
+    domains, sources = _Codes(), _Codes()
+    bin_digest = hashlib.sha256()
+    row = points = 0
+    if progress is None:
+        progress = os.isatty(2)
+    bar = tqdm(total=int(manifest.get("num_points", 0)) or None, unit="pt", unit_scale=True,
+               desc="compile", disable=not progress)
+    try:
+        for entry in manifest["shards"]:
+            table, flat, lengths = read_checked_shard(corpus_dir, entry, ["domain", "source"])
+            end = row + len(lengths)
+            if end > num_rows:
+                raise CorpusError(f"{storage.join(corpus_dir, entry['file'])}: more rows than the manifest lists")
+            # One megatron "document" per shard: its whole values in one write.
+            builder.add_document(flat, lengths.tolist())
+            bin_digest.update(np.ascontiguousarray(flat, dtype=np.float32).data)
+            domain_codes[row:end] = domains.encode(table.column("domain"))
+            source_codes[row:end] = sources.encode(table.column("source"))
+            row, points = end, points + int(lengths.sum())
+            bar.update(int(lengths.sum()))
+        if row != num_rows:
+            raise CorpusError(f"{storage.join(corpus_dir, 'manifest.json')}: lists {num_rows} rows, shards hold {row}")
+        builder.finalize(str(tmp[IDX_FILE]))
+        domain_codes.flush()
+        source_codes.flush()
+        del domain_codes, source_codes
+        files = {}
+        for name in COMPILED_FILES:
+            digest = bin_digest.hexdigest() if name == BIN_FILE else file_sha256(tmp[name])
+            files[name] = {"bytes": tmp[name].stat().st_size, "sha256": digest}
+            os.replace(tmp[name], out / name)
+    except BaseException:
+        bar.close()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    bar.close()
+    compiled = {
+        "format": COMPILED_FORMAT,
+        "num_series": row,
+        "num_points": points,
+        "source_fingerprint": corpus_fingerprint(manifest),
+        "domain_names": domains.names,
+        "source_names": sources.names,
+        "files": files,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if Path(out).resolve() != (Path(corpus_dir).resolve() if not storage.is_uri(corpus_dir) else None):
+        compiled["parquet_dir"] = str(corpus_dir)
+    manifest["compiled"] = compiled
+    write_manifest(out, manifest)
+    return compiled
+
+
+def check_compiled(corpus_dir: str | Path, manifest: dict, deep: bool = False) -> dict:
+    """The manifest's ``compiled`` entry, after checking that every compiled file has the
+    manifest's size (and sha256 and values equal to the shards' when ``deep``) and that the
+    compiled form was made from the shards this manifest lists."""
+    manifest_path = storage.join(corpus_dir, "manifest.json")
+    compiled = manifest.get("compiled")
+    if not isinstance(compiled, dict):
+        raise CorpusError(f"{corpus_dir}: has no memory-mapped training form; "
+                          f"run `timers1 data compile {corpus_dir}`")
+    if compiled.get("format") != COMPILED_FORMAT or set(compiled.get("files", {})) != set(COMPILED_FILES):
+        raise CorpusError(f"{manifest_path}: field 'compiled' is not a {COMPILED_FORMAT!r} entry listing "
+                          f"{', '.join(COMPILED_FILES)}; run `timers1 data compile {corpus_dir}` again")
+    if compiled.get("source_fingerprint") != corpus_fingerprint(manifest):
+        raise CorpusError(f"{manifest_path}: the compiled form was made from other shards than the manifest "
+                          f"lists now (shard hashes changed); run `timers1 data compile {corpus_dir}` again")
+    for name in COMPILED_FILES:
+        check_file(storage.join(corpus_dir, name), compiled["files"][name], verify_hash=deep)
+    if deep:
+        mapped = MappedCorpus(corpus_dir, manifest)
+        parquet_dir = compiled.get("parquet_dir", corpus_dir)
+        row = 0
+        for entry in manifest["shards"]:
+            _, flat, lengths = read_checked_shard(parquet_dir, entry, [])
+            # A shard's series lie back to back in the .bin: one read from its first series.
+            stored = mapped.window(row, 0, flat.size) if len(lengths) else flat[:0]
+            if not np.array_equal(mapped.lengths[row:row + len(lengths)], lengths) or \
+                    not np.array_equal(stored, flat):
+                raise CorpusError(f"{storage.join(corpus_dir, BIN_FILE)}: values of shard {entry['file']} "
+                                  f"(series {row}-{row + len(lengths) - 1}) differ from the Parquet shard")
+            row += len(lengths)
+    return compiled
+
+
+class MappedCorpus:
+    """A compiled corpus, memory-mapped: what the window sampler reads during training.
+
+    Same interface as the in-memory ``Corpus`` for the sampler (num_series, lengths, codes and
+    names, ``window``, fingerprint); private memory is the two int32 code views plus whatever
+    index entries a process touches, whatever the corpus size.
+    """
+
+    def __init__(self, corpus_dir: str | Path, manifest: dict | None = None):
+        if storage.is_uri(corpus_dir):
+            raise CorpusError(f"{corpus_dir}: the training form is memory-mapped and must be local; "
+                              f"compile it with `timers1 data compile {corpus_dir} --out DIR` and train from DIR")
+        self.directory = Path(corpus_dir)
+        self.manifest = manifest if manifest is not None else read_manifest(corpus_dir)
+        compiled = self.manifest.get("compiled") or {}
+        self.domain_names: list[str] = list(compiled.get("domain_names", []))
+        self.source_names: list[str] = list(compiled.get("source_names", []))
+        indexed = _megatron_indexed_dataset()
+        prefix = str(self.directory / PREFIX)
+        try:
+            self._dataset = indexed.IndexedDataset(prefix, mmap=True)
+            self.domain_codes = np.load(self.directory / DOMAIN_FILE, mmap_mode="r")
+            self.source_codes = np.load(self.directory / SOURCE_FILE, mmap_mode="r")
+        except (AssertionError, ValueError, OSError) as exc:
+            raise CorpusError(f"{prefix}.idx/.bin: cannot be memory-mapped ({exc}); "
+                              f"run `timers1 data compile` again") from None
+        n = len(self._dataset)
+        if n != compiled.get("num_series") or len(self.domain_codes) != n or len(self.source_codes) != n:
+            raise CorpusError(f"{prefix}.idx: holds {n} series, codes {len(self.domain_codes)}/{len(self.source_codes)}, "
+                              f"manifest says {compiled.get('num_series')}")
+
+    def __getstate__(self):
+        # DataLoader workers started by spawn re-open the mapping instead of copying the arrays.
+        return {"directory": self.directory, "manifest": self.manifest}
+
+    def __setstate__(self, state):
+        self.__init__(state["directory"], state["manifest"])
+
+    @property
+    def num_series(self) -> int:
+        return len(self._dataset)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._dataset.sequence_lengths
+
+    @property
+    def num_points(self) -> int:
+        return int(self.manifest["compiled"]["num_points"])
+
+    def window(self, index: int, start: int, length: int) -> np.ndarray:
+        return self._dataset.get(int(index), int(start), int(length))
+
+    def series(self, index: int) -> np.ndarray:
+        return self._dataset[int(index)]
+
+    @property
+    def fingerprint(self) -> str:
+        return corpus_fingerprint(self.manifest)
+
+
+def open_compiled(corpus_dir: str | Path) -> MappedCorpus:
+    """The training view of a corpus, after the cheap start-up checks (sizes, freshness); one
+    clear CorpusError naming the file otherwise."""
+    manifest = read_manifest(corpus_dir)
+    check_compiled(corpus_dir, manifest)
+    for entry in manifest["shards"]:
+        # Shards are checked where they sit beside the compiled files (a stat each); a compiled
+        # directory without its Parquet shards trains fine.
+        path = storage.join(corpus_dir, entry["file"])
+        if storage.file_size(path) is not None:
+            check_file(path, entry)
+    return MappedCorpus(corpus_dir, manifest)
