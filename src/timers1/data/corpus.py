@@ -295,7 +295,7 @@ def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
             parquet = pq.ParquetFile(source)
             _check_schema(Path(str(path)), parquet.schema_arrow, columns)
             table = parquet.read(columns=columns)
-    except CorpusError:
+    except (CorpusError, MemoryError):  # out of memory is not a corrupt shard
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorpusError(f"{path}: not a readable Parquet shard (corrupt, truncated or another format): "
