@@ -17,6 +17,7 @@ BENCH_MODULES = [
     "timers1.bench.kernels",
     "timers1.bench.moe",
     "timers1.bench.data",
+    "timers1.bench.corpus",
     "timers1.bench.dispatch",
     "timers1.bench.train",
     "timers1.bench.checkpoint",

@@ -3,7 +3,8 @@
 Public API (see each module's docstring for the details):
 
 - corpus:     ``write_corpus``, ``CorpusWriter``, ``read_corpus`` -> ``Corpus``, ``validate_corpus``,
-              ``SeriesRecord``, ``CorpusError``
+              ``SeriesRecord``, ``CorpusError`` (Parquet: the build and interchange form)
+- compiled:   ``compile_corpus``, ``open_compiled`` -> ``MappedCorpus`` (the memory-mapped training form)
 - builder:    ``build_corpus(load_build_config(path))``, ``build_default_corpus(out_dir)``,
               ``ensure_default_corpus(cache_dir)`` (the no-download corpus the README trains on)
 - loader:     ``make_loader(data_cfg, corpus_dir, window_points, batch_size, rank, world_size)``
@@ -15,19 +16,26 @@ Public API (see each module's docstring for the details):
 This package never imports the model, the engine or the trainer.
 """
 
-from timers1.data.augment import flip_sign, fourier_resample
-from timers1.data.builder import (BuildConfig, build_corpus, build_default_corpus, ensure_default_corpus,
-                                  load_build_config, parse_build_config)
-from timers1.data.corpus import (Corpus, CorpusError, CorpusWriter, SeriesRecord, read_corpus, validate_corpus,
-                                 write_corpus)
-from timers1.data.ingest import EVAL_DATASET_NAMES, IngestError, read_long, read_wide, series_hash
-from timers1.data.loader import CorpusLoader, WindowSampler, make_loader
-from timers1.data.preprocess import PreprocessConfig, clean_series
+import importlib
 
-__all__ = [
-    "BuildConfig", "Corpus", "CorpusError", "CorpusLoader", "CorpusWriter", "EVAL_DATASET_NAMES",
-    "IngestError", "PreprocessConfig", "SeriesRecord", "WindowSampler", "build_corpus",
-    "build_default_corpus", "clean_series", "ensure_default_corpus", "flip_sign", "fourier_resample",
-    "load_build_config", "make_loader", "parse_build_config", "read_corpus", "read_long", "read_wide",
-    "series_hash", "validate_corpus", "write_corpus",
-]
+# Lazy (PEP 562): the builder's worker processes import this package to reach the builder and
+# should not pay for torch, which only the loader needs.
+_EXPORTS = {
+    "flip_sign": "augment", "fourier_resample": "augment",
+    "BuildConfig": "builder", "build_corpus": "builder", "build_default_corpus": "builder",
+    "ensure_default_corpus": "builder", "load_build_config": "builder", "parse_build_config": "builder",
+    "compile_corpus": "compiled", "open_compiled": "compiled", "MappedCorpus": "compiled",
+    "Corpus": "corpus", "CorpusError": "corpus", "CorpusWriter": "corpus", "SeriesRecord": "corpus",
+    "read_corpus": "corpus", "validate_corpus": "corpus", "write_corpus": "corpus",
+    "EVAL_DATASET_NAMES": "ingest", "IngestError": "ingest", "read_long": "ingest", "read_wide": "ingest",
+    "series_hash": "ingest",
+    "CorpusLoader": "loader", "WindowSampler": "loader", "make_loader": "loader",
+    "PreprocessConfig": "preprocess", "clean_series": "preprocess",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'timers1.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"timers1.data.{_EXPORTS[name]}"), name)
