@@ -94,3 +94,25 @@ def test_relative_error_and_tie_free_logits():
     top = logits_TE.topk(3, dim=1).values
     assert bool((top[:, :-1] > top[:, 1:]).all())  # no ties among the chosen
     assert bool((logits_TE[:, [3, 7]] == -8.0).all())
+
+
+def test_launch_script_runs_the_check_from_the_checkout(tmp_path):
+    """launch/gpu_check.sh imports timers1 from this checkout with no install (as on the GPU image)
+    and leaves the JSON lines, the summary and the log in one folder."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_DIR
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    proc = subprocess.run(["bash", "launch/gpu_check.sh", str(out), "--device", "cpu", "--quick",
+                           "--sections", "throughput", "megatron"], cwd=REPO_DIR, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.jsonl", "summary.md"]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    environment = records[0]
+    assert environment["section"] == "environment" and environment["device"] == "cpu"
+    assert {r["section"] for r in records if "status" in r} == {"throughput", "megatron"}
