@@ -34,8 +34,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each fn, running them round-robin ``repeats`` times."""
+def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 1, inner: int = 1) -> dict:
+    """Median seconds per call of each fn, running them round-robin ``repeats`` times.
+
+    Each sample times ``inner`` back-to-back calls between two device syncs, so that ops of a
+    few microseconds on a GPU are not measured as the cost of the sync itself.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -45,9 +49,10 @@ def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int 
         for name, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            for _ in range(inner):
+                fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append((time.perf_counter() - t0) / inner)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
