@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -116,3 +117,46 @@ def test_launch_script_runs_the_check_from_the_checkout(tmp_path):
     environment = records[0]
     assert environment["section"] == "environment" and environment["device"] == "cpu"
     assert {r["section"] for r in records if "status" in r} == {"throughput", "megatron"}
+
+
+def test_megatron_peer_computes_our_function(monkeypatch):
+    """What the megatron section does on a GPU, here with megatron's CUDA stream calls stubbed:
+    the layer builds at our shape, takes our weights, matches our output and runs backward."""
+    import types
+
+    class NoStream:
+        def __eq__(self, other):
+            return isinstance(other, NoStream)
+
+        def __hash__(self):
+            return 0
+
+        def wait_stream(self, *_):
+            pass
+
+        def record_event(self, *_):
+            return types.SimpleNamespace(synchronize=lambda: None, wait=lambda *_: None)
+
+    stream = NoStream()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda _: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, _: None, raising=False)
+    from timers1.bench.moe import _build_moe, fwd_bwd
+
+    T, D, E, K, Fw = 96, 32, 8, 2, 48
+    device = torch.device("cpu")
+    with gpu.megatron_single_rank(device):
+        peer, expert_mlp = gpu.build_megatron_moe(D, E, K, Fw, torch.float32, device)
+        ours, _ = _build_moe(D, Fw, E, K, "auto")
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_(0.0, 0.02)
+        gpu.copy_weights_into_megatron(ours, peer)
+        assert expert_mlp == "SequentialMLP"
+        assert sum(p.numel() for p in peer.parameters()) == sum(p.numel() for p in ours.parameters())
+        x_TD = torch.randn(T, D)
+        assert gpu.megatron_parity(ours, peer, x_TD, torch.float32) < 1e-5
+        fwd_bwd(peer, x_TD.view(T, 1, D), torch.randn(T, 1, D), True)()
+        assert all(p.grad is not None for p in peer.parameters())

@@ -393,7 +393,8 @@ def section_throughput(check: Check) -> dict:
 # ------------------------------------------------------------------------------------ megatron
 
 MEGATRON_NEEDS_CUDA = ("megatron-core's alltoall dispatcher (MoEAlltoAllTokenDispatcher) creates a torch.cuda.Stream "
-                       "in its constructor and moves the split sizes on it in every forward: it cannot run on CPU")
+                       "in its constructor and moves the split sizes on it in every forward, and its router moves "
+                       "CPU weights to torch.cuda.current_device(): it cannot run on CPU")
 
 
 @contextlib.contextmanager
