@@ -160,3 +160,12 @@ def test_megatron_peer_computes_our_function(monkeypatch):
         assert gpu.megatron_parity(ours, peer, x_TD, torch.float32) < 1e-5
         fwd_bwd(peer, x_TD.view(T, 1, D), torch.randn(T, 1, D), True)()
         assert all(p.grad is not None for p in peer.parameters())
+
+
+def test_gpu_time_limits_fit_the_eight_minute_box():
+    """Section limits leave a minute for start-up inside 8 minutes (quick: inside 6), so a rerun
+    fits in a 15-minute GPU lease."""
+    full = sum(limits[0] for limits in gpu.GPU_TIME_LIMIT_S.values())
+    quick = sum(limits[1] for limits in gpu.GPU_TIME_LIMIT_S.values())
+    assert set(gpu.GPU_TIME_LIMIT_S) == set(gpu.SECTIONS)
+    assert full <= 7 * 60 and quick <= 5.5 * 60
