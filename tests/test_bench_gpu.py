@@ -70,7 +70,7 @@ def test_a_failing_or_overrunning_section_does_not_stop_the_others(capsys, monke
     def broken(check):
         raise RuntimeError("injected failure")
 
-    def overrunning(check, time_budget_s):
+    def overrunning(check):
         while True:
             time.sleep(0.05)
 

@@ -74,9 +74,10 @@ class SectionSkipped(Exception):
 class Check:
     device: torch.device
     quick: bool
-    out_dir: Path | None
     scratch: Path
     repeats: int
+    deadline: float = float("inf")
+    """time.perf_counter() at which the running section's time limit ends."""
     shared: dict = field(default_factory=dict)
     """Baselines and objects later sections reuse (peak TFLOP/s, the trained model)."""
     lines: list = field(default_factory=list)
@@ -104,6 +105,9 @@ class Check:
         ok = None if target is None or ratio is None else ratio >= target
         return self.emit(section, metric=metric, ratio=ratio, baseline=baseline, target=target,
                          meets_target=ok, **detail)
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.perf_counter()
 
     def sync(self) -> None:
         if self.cuda:
@@ -564,12 +568,11 @@ def train_steps(check: Check) -> int:
     return 10
 
 
-def section_train(check: Check, time_budget_s: float) -> dict:
+def section_train(check: Check) -> dict:
     from timers1.bench.train import TrainingRig
     from timers1.parallel.dims import ParallelDims
     from timers1.parallel.plan import plan_memory
 
-    started = time.perf_counter()
     dev = check.device
     cfg = train_config(check)
     peak = check.peak_tflops()
@@ -581,9 +584,10 @@ def section_train(check: Check, time_budget_s: float) -> dict:
     params = sum(p.numel() for p in rig.model.parameters())
     warmup = 3  # the first steps compile and autotune kernels
     losses, step_s = [], []
-    for i in range(cfg.train.steps):
-        if time.perf_counter() - started > 0.85 * time_budget_s:
-            break  # leave the section's last seconds for the report
+    started = time.perf_counter()
+    for _ in range(cfg.train.steps):
+        if check.seconds_left() < 0.15 * (check.deadline - started):
+            break  # the report needs the section's last seconds
         values, mask = rig.windows()
         t0 = time.perf_counter()
         losses.append(rig.step(values, mask)["loss"])
@@ -665,10 +669,10 @@ def run_section(check: Check, name: str, scale: float = 1.0) -> dict:
     limit = section_limit(check, name, scale)
     started = time.perf_counter()
     status, extra = "ok", {}
+    check.deadline = started + limit
     try:
         with time_limit(limit):
-            fn = SECTION_FUNCS[name]
-            extra = (fn(check, limit) if name == "train" else fn(check)) or {}
+            extra = SECTION_FUNCS[name](check) or {}
     except SectionSkipped as exc:
         status, extra = "skipped", {"reason": str(exc)}
     except (SectionTimeout, subprocess.TimeoutExpired) as exc:
@@ -714,7 +718,7 @@ def run(args) -> int:
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    check = Check(device=device, quick=args.quick, out_dir=out_dir,
+    check = Check(device=device, quick=args.quick,
                   scratch=Path(args.scratch) if args.scratch else Path(tempfile.gettempdir()),
                   repeats=args.repeats or (10 if device.type == "cuda" else 3))
     info = {"torch": torch.__version__, "python": sys.version.split()[0], "device": str(device), "quick": args.quick}
