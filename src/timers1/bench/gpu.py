@@ -681,7 +681,10 @@ def run_section(check: Check, name: str, scale: float = 1.0) -> dict:
         status, extra = "failed", {"error": f"{type(exc).__name__}: {exc}",
                                    "traceback": traceback.format_exc(limit=-6)}
     if check.cuda:
-        torch.cuda.synchronize()
+        # A CUDA error is sticky: it was reported above, and every later section will report it too.
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
     return check.emit(name, status=status, seconds=round(time.perf_counter() - started, 2),
                       time_limit_s=round(limit, 1), **extra)
 
