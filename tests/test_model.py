@@ -148,3 +148,31 @@ def test_fully_padded_patches_are_inert_and_gradients_finite(tiny_config):
     build_engine(model, tiny_config).forward_backward(window, mask)
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
+
+
+def test_experts_compute_in_the_autocast_dtype(monkeypatch):
+    """In one process (no FSDP bf16 parameters) bf16 autocast must reach the grouped GEMMs,
+    which autocast itself skips as a custom autograd function; the fp32 weights get fp32 grads."""
+    import timers1.model.moe as moe_module
+
+    seen = []
+    real = moe_module.swiglu_experts
+
+    def spy(x_SD, counts_E, w_gate_EFD, *rest, **kw):
+        seen.append((x_SD.dtype, w_gate_EFD.dtype))
+        return real(x_SD, counts_E, w_gate_EFD, *rest, **kw)
+
+    monkeypatch.setattr(moe_module, "swiglu_experts", spy)
+    torch.manual_seed(0)
+    moe = MoE(16, 24, 4, 2)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02)
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    y.float().sum().backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert moe.experts.w_gate_EFD.grad.dtype == torch.float32
+    moe(x)  # no autocast: fp32 as before
+    assert seen[-1] == (torch.float32, torch.float32)

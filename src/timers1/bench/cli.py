@@ -22,6 +22,7 @@ BENCH_MODULES = [
     "timers1.bench.train",
     "timers1.bench.checkpoint",
     "timers1.bench.optimizer",
+    "timers1.bench.gpu",
 ]
 
 

@@ -34,8 +34,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each fn, running them round-robin ``repeats`` times."""
+def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 1, inner: int = 1) -> dict:
+    """Median seconds per call of each fn, running them round-robin ``repeats`` times.
+
+    Each sample times ``inner`` back-to-back calls between two device syncs, so that ops of a
+    few microseconds on a GPU are not measured as the cost of the sync itself.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -45,9 +49,10 @@ def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int 
         for name, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            for _ in range(inner):
+                fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append((time.perf_counter() - t0) / inner)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -66,23 +71,23 @@ def maybe_profile(directory: str | None, name: str, device: torch.device):
     prof.export_chrome_trace(str(Path(directory) / f"{name}.json"))
 
 
-def emit(record: dict) -> None:
-    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+def emit(record: dict) -> str:
+    """Print ``record`` as one JSON line (floats to 6 significant digits); returns the line."""
+    line = json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in record.items()})
+    print(line, flush=True)
+    return line
 
 
-def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
-    """(dense matmul TFLOP/s, memcpy GB/s) measured here and now."""
-    n = 4096 if device.type == "cuda" else 2048
+def measure_peaks(device: torch.device, dtype: torch.dtype, repeats: int, size: int | None = None
+                  ) -> tuple[float, float]:
+    """(dense matmul TFLOP/s on size^3, memcpy GB/s counting bytes read + written) measured here and now."""
+    n = size or (4096 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     src = torch.empty(64 * 2**20 // 4, device=device, dtype=torch.float32)  # 64 MiB
     dst = torch.empty_like(src)
     t = time_interleaved({"mm": lambda: torch.mm(a, b), "copy": lambda: dst.copy_(src)}, device, repeats)
-    tflops = 2 * n**3 / t["mm"] / 1e12
-    gbs = 2 * src.numel() * 4 / t["copy"] / 1e9  # read + write
-    emit({"bench": "kernels", "op": "peak_matmul", "shape": [n, n, n], "dtype": str(dtype), "tflops": tflops})
-    emit({"bench": "kernels", "op": "peak_memcpy", "bytes": src.numel() * 4, "gbs": gbs})
-    return tflops, gbs
+    return 2 * n**3 / t["mm"] / 1e12, 2 * src.numel() * 4 / t["copy"] / 1e9
 
 
 def _fwd_bwd(fn, inputs, grad_out):
@@ -97,7 +102,10 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     T, D, E, K, Fw = args.tokens, args.hidden, args.experts, args.top_k, args.expert_width
     S = T * K
-    peak_tflops, peak_gbs = measure_peaks(device, dtype, args.repeats)
+    peak_n = 4096 if device.type == "cuda" else 2048
+    peak_tflops, peak_gbs = measure_peaks(device, dtype, args.repeats, peak_n)
+    emit({"bench": "kernels", "op": "peak_matmul", "shape": [peak_n] * 3, "dtype": str(dtype), "tflops": peak_tflops})
+    emit({"bench": "kernels", "op": "peak_memcpy", "bytes": 64 * 2**20, "gbs": peak_gbs})
     gen = torch.Generator(device="cpu").manual_seed(0)
     x_TD = torch.randn(T, D, generator=gen).to(device, dtype).requires_grad_()
     logits_TE = torch.randn(T, E, generator=gen).to(device, dtype).requires_grad_()

@@ -86,6 +86,16 @@ def _build_loop(D, Fw, E, K, moe):
     return loop
 
 
+def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, first_output_only: bool):
+    """A closure running one forward + backward of ``module`` on ``x`` (fresh leaf) with ``grad``;
+    ``first_output_only`` for modules that return (output, extras), as the MoE layer does."""
+    def fn():
+        module.zero_grad(set_to_none=True)
+        y = module(x.detach().requires_grad_())
+        (y[0] if first_output_only else y).backward(grad)
+    return fn
+
+
 def bench_shape(name, T, D, E, K, Fw, args):
     torch.manual_seed(0)
     moe, moe_impl = _build_moe(D, Fw, E, K, args.backend)
@@ -100,15 +110,8 @@ def bench_shape(name, T, D, E, K, Fw, args):
     x = torch.randn(1, T, D)
     grad = torch.randn(1, T, D)
 
-    def step(module, first_output_only):
-        def fn():
-            module.zero_grad(set_to_none=True)
-            xi = x.detach().requires_grad_()
-            y = module(xi)
-            (y[0] if first_output_only else y).backward(grad)
-        return fn
-
-    fns = {"moe": step(moe, True), "loop": step(loop, False), "dense": step(dense, False)}
+    fns = {"moe": fwd_bwd(moe, x, grad, True), "loop": fwd_bwd(loop, x, grad, False),
+           "dense": fwd_bwd(dense, x, grad, False)}
     # Parity check before timing: the two MoE implementations must agree.
     with torch.no_grad():
         y_moe, y_loop = moe(x)[0], loop(x)

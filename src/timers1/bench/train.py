@@ -20,32 +20,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of the measured steps")
 
 
+class TrainingRig:
+    """One process's training step driven through the engine, on synthetic random-walk windows.
+
+    The same step the trainer runs (engine forward + backward, gradient clipping, the part
+    optimizers and their LR schedule) without the trainer's data loader, checkpoints or logs,
+    so benchmarks measure the step alone.
+    """
+
+    def __init__(self, cfg, device, seed: int = 0):
+        import torch
+
+        from timers1.model import build_model
+        from timers1.parallel.engine import build_engine
+        from timers1.train.optim import PartOptimizers
+
+        self.cfg, self.device = cfg, device
+        self.model = build_model(cfg.model, cfg.moe, device=device)
+        self.engine = build_engine(self.model, cfg, world_size=1, device=device)
+        self.optimizers = PartOptimizers(self.engine.model_parts, cfg.train)
+        self.window_points = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.patches_per_step = cfg.train.batch_size * cfg.data.context_points // cfg.model.patch_points
+
+    def windows(self):
+        """(values_BW, mask_BW): a fresh batch of random walks, generated on the device."""
+        import torch
+
+        values_BW = torch.randn(self.cfg.train.batch_size, self.window_points, device=self.device,
+                                generator=self.generator).cumsum(-1)
+        return values_BW, torch.ones_like(values_BW)
+
+    def step(self, values_BW, mask_BW) -> dict[str, float]:
+        """One optimizer step; returns the loss parts (a host sync, as the trainer's logging is)."""
+        self.optimizers.zero_grad()
+        result = self.engine.forward_backward(values_BW, mask_BW)
+        self.engine.clip_grad_norm(self.cfg.train.grad_clip_norm or float("inf"))
+        self.optimizers.step()
+        self.optimizers.schedule_step()
+        return result.loss_floats
+
+    def train_flops_per_step(self) -> float:
+        from timers1.model.flops import train_flops_per_patch
+
+        cfg = self.cfg
+        context_patches = cfg.data.context_points // cfg.model.patch_points
+        return train_flops_per_patch(cfg.model, cfg.moe, context_patches) * self.patches_per_step
+
+
 def run(args) -> int:
     import contextlib
 
     import torch
 
     from timers1.config import load_config
-    from timers1.model import build_model
-    from timers1.model.flops import train_flops_per_patch
-    from timers1.parallel.engine import build_engine
     from timers1.train.metrics import measure_peak_tflops
-    from timers1.train.optim import build_optimizer
 
     cfg = load_config(args.config, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, cfg.moe, device=device)
-    engine = build_engine(model, cfg, world_size=1, device=device)
-    optimizer = build_optimizer([model], cfg.train)
-    width = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
-    gen = torch.Generator().manual_seed(0)
-    values = torch.randn(cfg.train.batch_size, width, generator=gen).cumsum(-1).to(device)
-    mask = torch.ones_like(values)
+    rig = TrainingRig(cfg, device)
+    values, mask = rig.windows()
+
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        engine.forward_backward(values, mask)
-        engine.clip_grad_norm(cfg.train.grad_clip_norm or float("inf"))
-        optimizer.step()
+        rig.step(values, mask)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -62,11 +99,11 @@ def run(args) -> int:
             step()
         elapsed = (time.perf_counter() - started) / args.steps
     peak = measure_peak_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32, seconds=1.0)
-    patches = cfg.train.batch_size * cfg.data.context_points // cfg.model.patch_points
-    flops = train_flops_per_patch(cfg.model, cfg.moe, cfg.data.context_points // cfg.model.patch_points) * patches
+    patches = rig.patches_per_step
+    flops = rig.train_flops_per_step()
     print(json.dumps({
         "bench": "train", "config": str(args.config), "device": str(device),
-        "params": sum(p.numel() for p in model.parameters()), "batch_windows": cfg.train.batch_size,
+        "params": sum(p.numel() for p in rig.model.parameters()), "batch_windows": cfg.train.batch_size,
         "context_points": cfg.data.context_points, "step_s": round(elapsed, 4), "steps_per_s": round(1 / elapsed, 3),
         "tokens_per_s": round(patches / elapsed), "points_per_s": round(patches * cfg.model.patch_points / elapsed),
         "model_tflops_per_s": round(flops / elapsed / 1e12, 5), "peak_tflops_measured": round(peak, 4),

@@ -48,6 +48,13 @@ class GroupedExperts(nn.Module):
         # groups cannot be expressed as DTensors.)
         w_gate_EFD, w_up_EFD, w_down_EDF = (w.to_local() if isinstance(w, DTensor) else w
                                             for w in (self.w_gate_EFD, self.w_up_EFD, self.w_down_EDF))
+        # Autocast leaves custom autograd functions alone. Under FSDP the rows and weights arrive
+        # in bf16 already (its param_dtype); in one process they would arrive in fp32 and the
+        # grouped GEMMs would run in fp32, so cast them here as autocast casts nn.Linear's.
+        device_type = x_SD.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x_SD, w_gate_EFD, w_up_EFD, w_down_EDF = (t.to(dtype) for t in (x_SD, w_gate_EFD, w_up_EFD, w_down_EDF))
         return swiglu_experts(x_SD, tokens_per_expert_E, w_gate_EFD, w_up_EFD, w_down_EDF, backend=self.backend)
 
 
