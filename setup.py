@@ -24,6 +24,7 @@ setup(
         "PyYAML>=6",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "threadpoolctl>=3",  # one BLAS thread in corpus generation: the same corpus on every machine
         "scipy>=1.10",  # synthetic generators, Fourier resampling
         "statsmodels>=0.14",  # real series for the built-in corpus ship inside it
         "pandas>=2",  # evaluation data frames

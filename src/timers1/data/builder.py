@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from timers1.data import storage, synthetic
@@ -68,7 +69,9 @@ SHORTEST_OTHER_POINTS = 256
 # series dozens of times and starts to memorise them; 10,000 keep it under ~10 epochs.
 DEFAULT_NUM_SYNTHETIC_SERIES = 10000
 DEFAULT_MIN_LENGTH_POINTS = 16
-DEFAULT_CORPUS_VERSION = "v3"
+# v4: v3's generators run on one BLAS thread (the same bits on every machine; v3's KernelSynth
+# series depended on the thread count) and the cache holds the compiled training form.
+DEFAULT_CORPUS_VERSION = "v4"
 
 
 @dataclass
@@ -308,6 +311,13 @@ def _unit_series(unit: _Unit) -> Iterator[tuple[RawSeries, str, str]]:
 
 def _process_unit(unit: _Unit, excluded_names: list[str]) -> list[_Processed]:
     """Read, hash and clean the series of one unit (runs in a worker process)."""
+    # One BLAS thread: generators that factorise matrices (KernelSynth) then give the same bits
+    # on every machine and in every process, and workers do not oversubscribe the cores.
+    with threadpool_limits(limits=1):
+        return _process_unit_series(unit, excluded_names)
+
+
+def _process_unit_series(unit: _Unit, excluded_names: list[str]) -> list[_Processed]:
     out = []
     for raw, domain, source in _unit_series(unit):
         item = _Processed(raw.item_id, domain, source, raw.freq, raw.start)
