@@ -175,8 +175,9 @@ def check_compiled(corpus_dir: str | Path, manifest: dict, deep: bool = False) -
                           f"lists now (shard hashes changed); run `timers1 data compile {corpus_dir}` again")
     for name in COMPILED_FILES:
         check_file(storage.join(corpus_dir, name), compiled["files"][name], verify_hash=deep)
-    if deep:
-        mapped = MappedCorpus(corpus_dir, manifest)
+    local = storage.local_path(corpus_dir)
+    if deep and local is not None:  # remote compiled files cannot be mapped; their hashes were checked
+        mapped = MappedCorpus(local, manifest)
         parquet_dir = compiled.get("parquet_dir", corpus_dir)
         row = 0
         for entry in manifest["shards"]:
@@ -200,10 +201,11 @@ class MappedCorpus:
     """
 
     def __init__(self, corpus_dir: str | Path, manifest: dict | None = None):
-        if storage.is_uri(corpus_dir):
+        local = storage.local_path(corpus_dir)
+        if local is None:
             raise CorpusError(f"{corpus_dir}: the training form is memory-mapped and must be local; "
                               f"compile it with `timers1 data compile {corpus_dir} --out DIR` and train from DIR")
-        self.directory = Path(corpus_dir)
+        self.directory = local
         self.manifest = manifest if manifest is not None else read_manifest(corpus_dir)
         compiled = self.manifest.get("compiled") or {}
         self.domain_names: list[str] = list(compiled.get("domain_names", []))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from timers1.data import storage
 from timers1.errors import InputError
 
 # GIFT-Eval datasets that are our evaluation sets; names are matched after normalisation.
@@ -101,19 +102,23 @@ def infer_freq(timestamps: np.ndarray) -> str:
     return ""
 
 
-def _read_table(path: Path, column_types: dict[str, pa.DataType] | None = None) -> pa.Table:
-    if not path.is_file():
+def _read_table(path: str | Path, column_types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """A CSV (optionally compressed, by extension) or Parquet file at a local path or URI."""
+    if storage.file_size(path) is None:
         raise IngestError(f"{path}: file does not exist")
-    suffixes = [s.lower() for s in path.suffixes]
+    suffixes = [s.lower() for s in PurePosixPath(str(path)).suffixes]
+    parquet = ".parquet" in suffixes or ".pq" in suffixes
+    fs, inner = storage.resolve(path)
     try:
-        if ".parquet" in suffixes or ".pq" in suffixes:
-            return pq.read_table(path)
+        if parquet:
+            return pq.read_table(inner, filesystem=fs)
         convert = pacsv.ConvertOptions(column_types=column_types or {}, null_values=NULL_STRINGS,
                                        strings_can_be_null=True)
-        return pacsv.read_csv(path, convert_options=convert)
+        with fs.open_input_stream(inner, compression="detect") as stream:
+            return pacsv.read_csv(stream, convert_options=convert)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        kind = "Parquet" if (".parquet" in suffixes or ".pq" in suffixes) else "CSV"
-        raise IngestError(f"{path}: cannot be read as {kind}: {str(exc).splitlines()[0]}") from None
+        raise IngestError(f"{path}: cannot be read as {'Parquet' if parquet else 'CSV'}: "
+                          f"{str(exc).splitlines()[0]}") from None
 
 
 def _numeric_column(path: Path, table: pa.Table, name: str, header_lines: int = 1) -> np.ndarray:
@@ -161,7 +166,6 @@ def _timestamps(column: pa.ChunkedArray) -> np.ndarray | None:
 def read_long(path: str | Path, item_column: str = "item_id", timestamp_column: str = "timestamp",
               target_column: str = "target") -> list[RawSeries]:
     """Series of a long-format file (one row per observation)."""
-    path = Path(path)
     table = _read_table(path, {item_column: pa.string()})
     _require_columns(path, table, [item_column, timestamp_column, target_column])
     target = _numeric_column(path, table, target_column)
@@ -192,7 +196,6 @@ def read_long(path: str | Path, item_column: str = "item_id", timestamp_column: 
 
 def read_wide(path: str | Path, timestamp_column: str | None = "timestamp") -> list[RawSeries]:
     """Series of a wide file: a timestamp column (optional) and one numeric column per series."""
-    path = Path(path)
     table = _read_table(path)
     stamps = None
     if timestamp_column:

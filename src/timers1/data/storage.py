@@ -34,6 +34,14 @@ def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).absolute())
 
 
+def local_path(location: str | Path) -> Path | None:
+    """The local path of a location (a path or a file:// URI), or None for remote storage."""
+    if not is_uri(location):
+        return Path(location)
+    fs, path = resolve(location)
+    return Path(path) if isinstance(fs, pafs.LocalFileSystem) else None
+
+
 def join(location: str | Path, name: str) -> str:
     """``location``/``name`` for paths and URIs alike."""
     return f"{str(location).rstrip('/')}/{name}" if is_uri(location) else str(Path(location) / name)
