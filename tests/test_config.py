@@ -63,3 +63,18 @@ def test_params_cli(capsys):
     assert "total_params: 8303654176" in out and "active_params: 753906976" in out
     assert main(["params", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--set", "moe.top_k=3"]) == 2
     assert "moe.top_k=3" in capsys.readouterr().err
+
+
+def test_bad_override_is_blamed_on_set_not_on_the_file(capsys, monkeypatch):
+    """Issue 14.7: a bad --set value names the --set, a bad file value names the file."""
+    assert main(["params", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--set", "train.steps=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("timers1 params: error: --set train.steps=abc: train.steps: expected an integer, "
+                           "got 'abc'")
+    with pytest.raises(ConfigError, match=r"^--set model.quantiles=\[0.1, 0.9\]: model.quantiles="):
+        load_config(CONFIGS_DIR / "tiny.yaml", ["model.quantiles=[0.1, 0.9]"])
+    with pytest.raises(ConfigError, match=r"tiny.yaml: data.context_points=256: must be a positive multiple"):
+        load_config(CONFIGS_DIR / "tiny.yaml", ["model.patch_points=48"])
+    monkeypatch.setenv("TIMERS1_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(ConfigError):
+        main(["params", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--set", "train.steps=abc"])

@@ -112,7 +112,7 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_abort(corpus_dir, tmp_path,
         return batch
 
     monkeypatch.setattr(trainer, "_next_batch", always_nan)
-    with pytest.raises(NonFiniteError, match="2 consecutive non-finite steps"):
+    with pytest.raises(NonFiniteError, match="step 2: .*2 consecutive skipped steps"):
         trainer.fit()
 
 
@@ -188,10 +188,10 @@ CRASHING_SAVE = textwrap.dedent("""
     crash_at = int(os.environ["CRASH_AT_STEP"])
     if mode == "before_commit":
         original = checkpoint.CheckpointManager._commit
-        def commit(self, tmp, final):
+        def commit(self, step, tmp, final):
             if final.name == f"step_{crash_at}":
                 os.kill(os.getpid(), signal.SIGKILL)  # shards written, not yet renamed
-            return original(self, tmp, final)
+            return original(self, step, tmp, final)
         checkpoint.CheckpointManager._commit = commit
     else:
         original = fs._write_item
@@ -201,10 +201,10 @@ CRASHING_SAVE = textwrap.dedent("""
             return original(*args, **kwargs)
         fs._write_item = write_item
         orig_save = checkpoint.CheckpointManager.save
-        def save(self, step, state, blocking=False):
+        def save(self, step, state, blocking=False, hold=False):
             if step == crash_at:
                 os.environ["IN_SAVE"] = "1"
-            return orig_save(self, step, state, blocking)
+            return orig_save(self, step, state, blocking, hold)
         checkpoint.CheckpointManager.save = save
     from timers1.cli import main
     sys.exit(main(sys.argv[1:]))

@@ -38,7 +38,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def train(run_dir: Path, corpus: Path, nproc: int, sets: list[str], max_steps: int | None = None) -> dict[int, float]:
+def train(run_dir: Path, corpus: Path, nproc: int, sets: list[str], max_steps: int | None = None,
+          stderr: list[str] | None = None) -> dict[int, float]:
     args = ["--config", str(CONFIGS_DIR / "tiny.yaml"), "--run-dir", str(run_dir), "--no-eval"]
     for item in COMMON + [f"data.corpus_dir={corpus}", *sets]:
         args += ["--set", item]
@@ -52,6 +53,8 @@ def train(run_dir: Path, corpus: Path, nproc: int, sets: list[str], max_steps: i
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if stderr is not None:
+        stderr.append(proc.stderr)
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -83,3 +86,25 @@ def test_checkpoint_reshards_to_other_layouts(long_corpus, tmp_path):
         assert list(resumed) == [3]
         assert abs(resumed[3] - uninterrupted[3]) <= 1e-6, (name, resumed[3], uninterrupted[3])
         assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [2, 3]
+
+
+DP2 = "dp_replicate=1 dp_shard=2 tp=1 pp=1 ep=1"
+TP2 = "dp_replicate=1 dp_shard=1 tp=2 pp=1 ep=1"
+
+
+@pytest.mark.parametrize("saved, resumed", [("dp2", "tp2"), ("tp2", "dp2")])
+def test_same_world_size_other_layout_is_resharded(long_corpus, tmp_path, saved, resumed):
+    """Issue 14.7: 2 ranks at dp2 and 2 ranks at tp2 are different layouts (each rank's data
+    stream differs): the resume says so, reshards, and continues the uninterrupted losses."""
+    sets = {"dp2": [], "tp2": ["parallel.tp=2"]}
+    names = {"dp2": DP2, "tp2": TP2}
+    run_dir = tmp_path / "run"
+    common = ["train.steps=3", "checkpoint.save_interval_steps=2"]
+    uninterrupted = train(tmp_path / "straight", long_corpus, 2, common + sets[saved])
+    train(run_dir, long_corpus, 2, common + sets[saved], max_steps=2)
+    log: list[str] = []
+    losses = train(run_dir, long_corpus, 2, common + sets[resumed], stderr=log)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} at step 2; resharding from {names[saved]} " \
+           f"to {names[resumed]}" in log[0], log[0][-3000:]
+    assert sorted(losses) == [1, 2, 3]  # each step once in metrics.jsonl
+    assert abs(losses[3] - uninterrupted[3]) <= 1e-6, (losses[3], uninterrupted[3])

@@ -24,7 +24,15 @@ from timers1.errors import InputError
 
 
 class ConfigError(InputError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
+    """A configuration value is missing, unknown, of the wrong type or out of range.
+
+    ``field`` is the dotted path of the culprit when one field is to blame, so that the error
+    can name where its value came from (a ``--set`` override or the YAML file).
+    """
+
+    def __init__(self, message: str, field: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.field = field
 
 
 @dataclass
@@ -158,7 +166,13 @@ class TrainConfig:
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
     max_nonfinite_steps_in_row: int = 5
-    """Abort after this many consecutive steps with a non-finite loss or gradient norm."""
+    """Abort after this many consecutive skipped steps, the last with a non-finite loss or gradient norm."""
+    spike_factor: float = 0.0
+    """Skip a step whose loss or gradient norm exceeds this multiple of its median over the last train.spike_window applied steps; 0 disables the guard (10 is a reasonable value)."""
+    spike_window: int = 20
+    """Applied steps whose median the spike guard compares with; it judges once it has this many."""
+    max_spike_steps_in_row: int = 5
+    """Abort after this many consecutive skipped steps, the last a spike."""
     seed: int = 0
     """Seed of parameter init and dropout."""
     log_interval_steps: int = 1
@@ -230,38 +244,38 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arm, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{path}: {value!r} matches none of {tp}")
+        raise ConfigError(f"{path}: {value!r} matches none of {tp}", field=path)
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{path}: expected null, got {value!r}")
+        raise ConfigError(f"{path}: expected null, got {value!r}", field=path)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {value!r}", field=path)
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}", field=path)
         key_tp, val_tp = typing.get_args(tp)
         return {_coerce(k, key_tp, path): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}", field=path)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: expected an integer, got {value!r}", field=path)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        raise ConfigError(f"{path}: expected a number, got {value!r}", field=path)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported field type {tp}")
+        raise ConfigError(f"{path}: expected a string, got {value!r}", field=path)
+    raise ConfigError(f"{path}: unsupported field type {tp}", field=path)
 
 
 # Fields that older run directories may still hold; read and ignored so their checkpoints load.
@@ -272,7 +286,7 @@ RETIRED_FIELDS = {
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}", field=path or None)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     data = {k: v for k, v in data.items() if f"{path}.{k}" not in RETIRED_FIELDS}
@@ -281,7 +295,8 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
         where = f"{path}." if path else ""
         raise ConfigError(
             f"unknown field(s) {', '.join(where + u for u in unknown)}; "
-            f"known: {', '.join(sorted(names))}"
+            f"known: {', '.join(sorted(names))}",
+            field=where + unknown[0],
         )
     kwargs = {}
     for name, value in data.items():
@@ -356,13 +371,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        if path is not None:
-            raise ConfigError(f"{path}: {exc}") from None
+        source = _source_of(exc.field, overrides) or path
+        if source is not None:
+            raise ConfigError(f"{source}: {exc}", field=exc.field, hint=exc.hint) from None
         raise
 
 
+def _source_of(field_path: str | None, overrides: list[str] | None) -> str | None:
+    """``--set KEY=VALUE`` if the last override touching ``field_path`` gave its value, else None."""
+    if field_path is None:
+        return None
+    for item in reversed(overrides or []):
+        key = item.split("=", 1)[0].strip()
+        if field_path == key or field_path.startswith((key + ".", key + "[")):
+            return f"--set {item}"
+    return None
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write atomically: a crash mid-write leaves the previous file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +401,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def _require(ok: bool, field_path: str, value: Any, why: str) -> None:
     if not ok:
-        raise ConfigError(f"{field_path}={value!r}: {why}")
+        raise ConfigError(f"{field_path}={value!r}: {why}", field=field_path)
 
 
 def validate(cfg: Config) -> Config:
@@ -441,6 +472,10 @@ def validate(cfg: Config) -> Config:
     _require(t.grad_clip_norm >= 0, "train.grad_clip_norm", t.grad_clip_norm, "must be >= 0")
     _require(t.max_nonfinite_steps_in_row >= 1, "train.max_nonfinite_steps_in_row",
              t.max_nonfinite_steps_in_row, "must be >= 1")
+    _require(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor", t.spike_factor,
+             "must be 0 (off) or > 1")
+    _require(t.spike_window >= 1, "train.spike_window", t.spike_window, "must be >= 1")
+    _require(t.max_spike_steps_in_row >= 1, "train.max_spike_steps_in_row", t.max_spike_steps_in_row, "must be >= 1")
 
     _require(c.save_interval_steps >= 0, "checkpoint.save_interval_steps", c.save_interval_steps, "must be >= 0")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")

@@ -175,7 +175,12 @@ def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
     model = build_model(cfg.model, cfg.moe, device="meta").to_empty(device="cpu")
     state = {"model": model.state_dict()}
     # no_dist: one process reads every shard, also when called inside a multi-rank job.
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    except (Exception, dcp.api.CheckpointException) as exc:  # DCP's exception is a BaseException
+        reason = str(exc).strip().splitlines()
+        raise CheckpointFormatError(f"{step_dir}: checkpoint cannot be read ({reason[-1] if reason else exc!r})",
+                                    hint="load an older checkpoints/step_<N> directory of the run") from exc
     model.load_state_dict(state["model"])
     return cfg, model.to(device)
 

@@ -169,6 +169,11 @@ class ParallelDims:
         d = self._meshes["dense"]
         return d["dp_replicate"].get_local_rank() * self.dp_shard + d["dp_shard"].get_local_rank()
 
+    @property
+    def layout(self) -> str:
+        """The degrees as text (``dp_replicate=1 dp_shard=2 tp=1 pp=1 ep=1``): equal text, equal layout."""
+        return " ".join(f"{name}={getattr(self, name)}" for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep"))
+
     @classmethod
     def from_config(cls, parallel_cfg, world_size: int | None = None) -> "ParallelDims":
         if world_size is None:

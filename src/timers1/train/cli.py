@@ -8,17 +8,22 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from timers1.config import load_config
-    from timers1 import rundir
-    from timers1.train import Trainer
+    from timers1.train.faults import PreemptionSignals
 
-    overrides = list(args.set)
-    if args.run_dir:
-        overrides.append(f"train.run_dir={args.run_dir}")
-    cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg, init_from=args.init_from, profile_dir=args.profile,
-                      max_steps_this_run=args.max_steps)
-    result = trainer.fit()
+    # timers1.cli.main installed the handlers before anything else (entering again keeps them);
+    # they go once training is over, so that a signal during export or evaluation ends the process.
+    with getattr(args, "signals", None) or PreemptionSignals() as signals:
+        from timers1 import rundir
+        from timers1.config import load_config
+        from timers1.train import Trainer
+
+        overrides = list(args.set)
+        if args.run_dir:
+            overrides.append(f"train.run_dir={args.run_dir}")
+        cfg = load_config(args.config, overrides)
+        trainer = Trainer(cfg, init_from=args.init_from, profile_dir=args.profile,
+                          max_steps_this_run=args.max_steps, signals=signals)
+        result = trainer.fit()
     if result.stopped_for_requeue:
         return result.exit_code
     if result.step >= cfg.train.steps:

@@ -51,11 +51,19 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
 
 class MetricsLogger:
-    """Writes ``metrics.jsonl`` (rank 0) and TensorBoard events under the run directory."""
+    """Writes ``metrics.jsonl`` (rank 0) and TensorBoard events under the run directory.
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    ``after_step``: the step training continues from. Lines of later steps (written before a
+    crash or kill, about to be redone) and a torn last line are dropped first, so the file
+    holds each step once, however many times the run resumed.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 after_step: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        if enabled and after_step is not None:
+            self._keep_steps_up_to(after_step)
         self._file = open(self.path, "a", buffering=1) if enabled else None
         self._tb = None
         if enabled and tensorboard:
@@ -65,6 +73,21 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:  # tensorboard is a dependency; keep training if it is broken
                 self._tb = None
+
+    def _keep_steps_up_to(self, last_step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the line a kill cut short
+            if isinstance(record, dict) and record.get("step", 0) <= last_step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -3,13 +3,21 @@
 Order of a step (each rank):
   1. ``grad_accum_steps`` microbatches of windows -> forward + backward (the engine hides
      pipeline/tensor/expert parallelism);
-  2. gradient norm (clipped when ``train.grad_clip_norm`` > 0); a non-finite loss or norm
-     skips the update (counted) and aborts after ``train.max_nonfinite_steps_in_row``;
-  3. optimizer and LR-schedule step; metrics line; checkpoint at the interval;
-  4. a pending SIGUSR1/SIGTERM turns into "save now, exit with REQUEUE_EXIT_CODE".
+  2. gradient norm (clipped when ``train.grad_clip_norm`` > 0); the step guard skips the
+     update (counted, logged) when the loss or norm is not finite or spikes above a multiple
+     of its running median, and aborts after too many skipped steps in a row;
+  3. optimizer and LR-schedule step; metrics line (steps count from 1, in messages too);
+     checkpoint at the interval;
+  4. before the next step: a pending SIGUSR1/SIGTERM or STOP file turns into "save now, exit
+     with REQUEUE_EXIT_CODE", and a failed asynchronous save is raised.
 
-Resume is automatic: the latest complete checkpoint in ``<run_dir>/checkpoints`` is loaded,
-including optimizer, schedule, data-loader position and RNG states, so the loss sequence
+A checkpoint is never written from weights that produced a skipped step: the interval save
+is held back (written, not committed) until the next step is applied, dropped if it is
+skipped, and postponed while the current weights are the ones that produced a skipped step.
+
+Resume is automatic: the newest checkpoint in ``<run_dir>/checkpoints`` that is complete and
+loads is used (newer ones that are not are named, with the reason, and skipped), including
+optimizer, schedule, data-loader position, guard and RNG states, so the loss sequence
 continues exactly as if the run had not stopped. At another parallel layout the tensors are
 resharded by DCP and the loader restarts at the same global sample position.
 """
@@ -30,20 +38,26 @@ import torch.distributed as dist
 
 from timers1 import rundir
 from timers1.config import Config, ConfigError, save_config
+from timers1.errors import CheckpointError, InputError, TrainingDiverged
 from timers1.model import build_model
 from timers1.model.flops import train_flops_per_patch
 from timers1.parallel.engine import build_engine
 from timers1.train.checkpoint import CheckpointManager, checkpoint_keys, rng_state, set_rng_state
-from timers1.train.faults import REQUEUE_EXIT_CODE, NonFiniteGuard, PreemptionSignals
+from timers1.train.faults import REQUEUE_EXIT_CODE, PreemptionSignals, StepGuard
 from timers1.train.metrics import MetricsLogger, expert_load_stats, measure_peak_tflops, memory_stats
 from timers1.train.optim import PartOptimizers
 
 
 # Files in the run dir that talk to the launcher (launch/common.sh, which clears both before
-# starting): STOP asks every rank to checkpoint and exit; REQUEUE (holding the step) says the
-# run stopped on purpose and wants to be requeued.
+# starting): STOP asks every rank to checkpoint and exit; REQUEUE (holding the step the next
+# start resumes from) says the run stopped on purpose and wants to be requeued. The trainer
+# clears REQUEUE, and a STOP older than its signal handlers, at start.
 STOP_FILE = "STOP"
 REQUEUE_FILE = "REQUEUE"
+
+CORPUS_HINT = "check data.corpus_dir (rebuild it with `timers1 data build`), or leave it empty for the built-in corpus"
+NO_CHECKPOINT_LOADS_HINT = ("move the listed checkpoints out of the way to start from step 0, or copy a good "
+                            "step_<N> directory into it")
 
 
 @dataclass
@@ -79,7 +93,13 @@ def _world() -> tuple[int, int]:
 
 class Trainer:
     def __init__(self, cfg: Config, init_from: str | None = None, profile_dir: str | None = None,
-                 progress: bool | None = None, max_steps_this_run: int | None = None):
+                 progress: bool | None = None, max_steps_this_run: int | None = None,
+                 signals: PreemptionSignals | None = None):
+        # Handlers before anything slow (process group, model build, corpus, resume): a signal
+        # during start-up becomes a requeue before the first step instead of killing the process.
+        # `timers1 train` installs them even earlier and passes them in; they go at fit()'s end.
+        self.signals = signals if signals is not None else PreemptionSignals().__enter__()
+        self._own_signals = signals is None
         self.cfg = cfg
         self.device = init_device()
         self.rank, self.world_size = _world()
@@ -90,6 +110,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, rundir.config_file(self.run_dir))
+            self._clear_control_files()
 
         t = cfg.train
         self.patch = cfg.model.patch_points
@@ -115,14 +136,20 @@ class Trainer:
             )
         self.micro_batch = t.batch_size // per_rank
         self.optim = PartOptimizers(self.engine.model_parts, t)
-        self.loader = self._build_loader()
+        try:
+            self.loader = self._build_loader()
+        except InputError as exc:
+            exc.hint = exc.hint or CORPUS_HINT
+            raise
         self.checkpoints = CheckpointManager(rundir.checkpoints_dir(self.run_dir), cfg.checkpoint.keep_last,
                                              cfg.checkpoint.async_save)
-        self.guard = NonFiniteGuard(t.max_nonfinite_steps_in_row)
+        self.guard = StepGuard(t.max_nonfinite_steps_in_row, t.spike_factor, t.spike_window, t.max_spike_steps_in_row)
         # Control-plane flags travel on gloo even when training runs NCCL (no device sync).
         self._cpu_group = dist.new_group(backend="gloo") if _is_dist() else None
         self.step = 0
         self._last_saved_step = -1
+        # An interval save that is due but waits for weights that produced an applied step.
+        self._save_due = False
         self.flops_per_patch = train_flops_per_patch(cfg.model, cfg.moe, self.context_points // self.patch)
         self.peak_tflops = t.peak_tflops or measure_peak_tflops(self.device)
         # Seed dropout etc. per rank so ranks differ but runs repeat.
@@ -143,16 +170,32 @@ class Trainer:
         batch = next(self._batches)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _clear_control_files(self) -> None:
+        """REQUEUE describes an earlier process; so does a STOP older than our signal handlers
+        (one touched since is a request made during start-up and is honoured)."""
+        (self.run_dir / REQUEUE_FILE).unlink(missing_ok=True)
+        stop = self.run_dir / STOP_FILE
+        try:
+            if stop.stat().st_mtime < self.signals.installed_at:
+                stop.unlink()
+                print(f"removed {stop} left by an earlier run", file=sys.stderr)
+        except FileNotFoundError:
+            pass
+
     # ------------------------------------------------------------------------------- checkpoints
+    @property
+    def layout(self) -> str:
+        return self.engine.dims.layout
+
     def _state(self) -> dict[str, Any]:
         return {
             "model": self.optim.model_state_dict(),
             "optim": self.optim.state_dict(),
             "train": {
                 "step": self.step,
-                "world_size": self.world_size,
+                "layout": self.layout,
                 "scheduler": pickle.dumps(self.optim.scheduler_state()),
-                "nonfinite_skipped": self.guard.skipped_total,
+                "guard": pickle.dumps(self.guard.state_dict()),
             },
             f"rank_{self.rank}": {
                 "rng": pickle.dumps(rng_state()),
@@ -160,21 +203,59 @@ class Trainer:
             },
         }
 
-    def save(self, blocking: bool = False) -> None:
-        self.checkpoints.save(self.step, self._state(), blocking=blocking)
+    def save(self, blocking: bool = False, hold: bool = False) -> None:
+        self.checkpoints.save(self.step, self._state(), blocking=blocking, hold=hold)
         self._last_saved_step = self.step
 
+    def _save_now(self) -> None:
+        """A committed checkpoint of this step (end of run, stop request), unless there is nothing
+        new (step 0, or the step resumed from) or these weights produced a skipped step."""
+        if self.guard.in_row > 0:
+            if self.rank == 0:
+                print(f"step {self.step}: not saved, its weights produced a skipped step; the newest "
+                      f"checkpoint stays step_{self._newest_checkpoint_step()}", file=sys.stderr, flush=True)
+        elif self.step not in (0, self._last_saved_step):
+            self.save(blocking=True)
+        self.checkpoints.wait()  # commits a save of this step that was held
+
+    def _newest_checkpoint_step(self) -> int:
+        """Where the next start resumes (0: from scratch)."""
+        found = rundir.list_checkpoints(self.checkpoints.directory)
+        return found[-1][0] if found else 0
+
     def resume(self) -> bool:
-        path = self.checkpoints.latest()
-        if path is None:
-            return False
+        """Load the newest checkpoint that is complete and loads; name and skip newer ones.
+
+        Raises ``CheckpointError`` when checkpoints exist but none loads: starting over would
+        silently throw their progress away.
+        """
+        directory = rundir.checkpoints_dir(self.run_dir)
+        skipped = []
+        for _, path in reversed(rundir.step_dirs(directory)):
+            problem = rundir.checkpoint_problem(path)
+            if problem is None:
+                try:
+                    self._load(path)
+                    return True
+                except CheckpointError as exc:
+                    problem = str(exc)
+            skipped.append(f"{path.name}: {problem}")
+            if self.rank == 0:
+                print(f"skipping checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+        if skipped:
+            raise CheckpointError(f"no checkpoint under {directory} loads ({'; '.join(skipped)})",
+                                  hint=NO_CHECKPOINT_LOADS_HINT)
+        return False
+
+    def _load(self, path: Path) -> None:
         keys = checkpoint_keys(path)
+        saved_layout = self._saved_layout(path)
         state = self._state()
         own = f"rank_{self.rank}"
         # The same layout restores this rank's own stream and RNG exactly. At another layout the
         # loader state of rank 0 carries the global sample position (every rank consumed the
         # same number of batches), from which the loader continues at the new layout.
-        same_layout = int(self._saved_world_size(path)) == self.world_size and own in keys
+        same_layout = saved_layout == self.layout and own in keys
         source = own if same_layout else "rank_0"
         state[source] = state.pop(own)
         self.checkpoints.load(path, state)
@@ -183,22 +264,23 @@ class Trainer:
         train = state["train"]
         self.step = int(train["step"])
         self.optim.load_scheduler_state(pickle.loads(train["scheduler"]))
-        self.guard.skipped_total = int(train["nonfinite_skipped"])
+        self.guard.load_state_dict(pickle.loads(train["guard"]))
         self.loader.load_state_dict(pickle.loads(state[source]["loader"]))
         if same_layout:
             set_rng_state(pickle.loads(state[source]["rng"]))
         else:
             torch.manual_seed(self.cfg.train.seed * 1000003 + self.rank + 7919 * self.step)
+        self._last_saved_step = self.step
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}"
-                  f"{'' if same_layout else f' (resharded to {self.world_size} ranks)'}", file=sys.stderr)
-        return True
+                  f"{'' if same_layout else f'; resharding from {saved_layout} to {self.layout}'}",
+                  file=sys.stderr, flush=True)
 
     @staticmethod
-    def _saved_world_size(path: Path) -> int:
-        probe = {"train": {"world_size": 0}}
+    def _saved_layout(path: Path) -> str:
+        probe = {"train": {"layout": ""}}
         CheckpointManager.load(path, probe)
-        return int(probe["train"]["world_size"])
+        return str(probe["train"]["layout"])
 
     # ------------------------------------------------------------------------------- loop
     def _profiler(self):
@@ -224,48 +306,85 @@ class Trainer:
             load = result.tokens_per_expert_LE if load is None else load + result.tokens_per_expert_LE
         grad_norm = self.engine.clip_grad_norm(t.grad_clip_norm if t.grad_clip_norm > 0 else float("inf"))
         loss = totals["loss"]
-        applied = self.guard.check(loss, grad_norm, self.step)
-        if applied:
+        # Loss and norm are global (reduced over ranks), so every rank takes the same decision.
+        skip_reason = self.guard.check(loss, grad_norm, self.step + 1)
+        if skip_reason is None:
             self.optim.step()
         else:
             self.optim.zero_grad()
+            if self.rank == 0:
+                print(f"step {self.step + 1}: skipped, {skip_reason} ({self.guard.in_row} in a row, "
+                      f"{self.guard.skipped_total} in total)", file=sys.stderr, flush=True)
         # A skipped update still advances the schedule (it is a function of the step).
         self.optim.schedule_step()
-        record = {**totals, "loss": loss, "grad_norm": grad_norm, "skipped": not applied}
+        record = {**totals, "loss": loss, "grad_norm": grad_norm, "skipped": skip_reason is not None,
+                  "skipped_total": self.guard.skipped_total}
+        if skip_reason is not None:
+            record["skip_reason"] = skip_reason
         if _is_dist():
             dist.all_reduce(load, group=self._cpu_group)  # host counts: gloo also under NCCL
         record.update(expert_load_stats(load))
         return record
 
-    def _stop_requested(self, signals: PreemptionSignals) -> bool:
-        """A signal to this process or a STOP file in the run dir; all ranks agree on it."""
-        stop = signals.received is not None or (self.run_dir / STOP_FILE).exists()
+    def _stop_requested(self) -> bool:
+        """A signal to this process or a STOP file in the run dir; all ranks agree on it.
+
+        Also where a failed asynchronous save surfaces (on every rank): at the first step
+        boundary after it failed.
+        """
+        stop = self.signals.received is not None or (self.run_dir / STOP_FILE).exists()
+        save_failed = self.checkpoints.failed()
         if _is_dist():
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
-            stop = bool(flag.item())
+            flags = torch.tensor([float(stop), float(save_failed)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._cpu_group)
+            stop, save_failed = bool(flags[0].item()), bool(flags[1].item())
+        if save_failed:
+            self.checkpoints.raise_failure()
         return stop
+
+    def _stop_for_requeue(self) -> int:
+        """Checkpoint (unless this is the step we started from) and leave REQUEUE for the launcher."""
+        self._save_now()
+        if self.rank == 0:
+            resume_at = self._newest_checkpoint_step()
+            (self.run_dir / REQUEUE_FILE).write_text(str(resume_at))
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+            print(f"stop requested: the next start resumes from step {resume_at}; exiting for requeue",
+                  file=sys.stderr, flush=True)
+        # Under torchrun a non-zero exit would make the agent restart the workers; there the
+        # REQUEUE file alone tells the launcher.
+        return 0 if os.environ.get("TORCHELASTIC_RUN_ID") else REQUEUE_EXIT_CODE
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
-        self.resume()
-        logger = MetricsLogger(self.run_dir, enabled=self.rank == 0)
+        logger = bar = None
         losses: list[float] = []
         exit_code = 0
-        stopped = False
-        start_step = self.step
-        stop_at = t.steps if self.max_steps_this_run is None else min(t.steps, self.step + self.max_steps_this_run)
-        bar = None
-        if self.rank == 0 and self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        stopped = finished = False
         try:
-            with PreemptionSignals() as signals, self._profiler() as profiler:
-                while self.step < stop_at:
+            self.resume()
+            # Steps after the checkpoint are redone: their old lines go, so each step appears once.
+            logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, after_step=self.step)
+            start_step = self.step
+            stop_at = t.steps if self.max_steps_this_run is None else min(t.steps, self.step + self.max_steps_this_run)
+            if self.rank == 0 and self.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            with self._profiler() as profiler:
+                while True:
+                    # Before every step, the first included: a signal during start-up stops here.
+                    if self._stop_requested():
+                        exit_code, stopped = self._stop_for_requeue(), True
+                        break
+                    if self.step >= stop_at:
+                        break
                     started = time.perf_counter()
                     record = self.train_step()
                     self.step += 1
+                    applied = not record["skipped"]
+                    # A held checkpoint of the previous step: its weights just trained on, or not.
+                    self.checkpoints.resolve(keep=applied)
                     elapsed = time.perf_counter() - started
                     losses.append(record["loss"])
                     points = t.batch_size * self.context_points
@@ -279,7 +398,7 @@ class Trainer:
                         "mfu": self.flops_per_patch * patches / elapsed / (self.peak_tflops * 1e12 * self.world_size),
                         **memory_stats(self.device),
                     })
-                    if self.step % t.log_interval_steps == 0 or self.step == stop_at:
+                    if self.step % t.log_interval_steps == 0 or self.step == stop_at or not applied:
                         logger.log(record)
                         if bar is not None:
                             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -292,28 +411,29 @@ class Trainer:
                     if profiler is not None:
                         profiler.step()
                     interval = self.cfg.checkpoint.save_interval_steps
-                    if self._stop_requested(signals):
-                        self.save(blocking=True)
-                        # Under torchrun a non-zero exit would make the agent restart the
-                        # workers; there the REQUEUE file alone tells the launcher.
-                        exit_code = 0 if os.environ.get("TORCHELASTIC_RUN_ID") else REQUEUE_EXIT_CODE
-                        stopped = True
-                        if self.rank == 0:
-                            (self.run_dir / REQUEUE_FILE).write_text(str(self.step))
-                            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
-                            print(f"stop requested: saved step {self.step}, exiting for requeue",
-                                  file=sys.stderr, flush=True)
-                        break
-                    if interval and self.step % interval == 0 and self.step < t.steps:
-                        self.save()
+                    self._save_due |= bool(interval) and self.step % interval == 0
+                    if self._save_due and applied and self.step < stop_at:
+                        self.save(hold=True)
+                        self._save_due = False
                 # The end of the run, or of this invocation (--max-steps): the next one resumes here.
-                if not stopped and self.step > start_step and self.step != self._last_saved_step:
-                    self.save(blocking=True)
-        finally:
+                if not stopped and self.step > start_step:
+                    self._save_now()
             self.checkpoints.wait()
-            logger.close()
+            finished = True
+        except TrainingDiverged:
+            # The held checkpoint's weights produced the steps that were skipped up to the abort.
+            self.checkpoints.resolve(keep=False)
+            raise
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):  # the error in flight is the one to report
+                    self.checkpoints.wait()
+            if logger is not None:
+                logger.close()
             if bar is not None:
                 bar.close()
+            if self._own_signals:
+                self.signals.__exit__(None, None, None)
         return TrainResult(self.step, exit_code, stopped, self.run_dir, losses[-1] if losses else None, losses)
 
     def export_model(self, out_dir: str | Path) -> Path:
