@@ -235,3 +235,4 @@ def test_directory_of_files_through_a_uri_with_dedup_and_exclusion(tmp_path):
     batch = next(iter(CorpusLoader(tmp_path / "train", 64, 4)))
     assert batch["values"].shape == (4, 64)
     assert validate_corpus(f"file://{tmp_path / 'corpus'}", deep=True)["rows"] == 3
+    assert validate_corpus(tmp_path / "train", deep=True) == {"rows": 3, "points": 360, "shards": 1, "compiled": True}

@@ -86,7 +86,8 @@ class DataConfig:
     """Training corpus and window sampling."""
 
     corpus_dir: str = ""
-    """Directory of a built corpus (Parquet shards + manifest); empty means the built-in corpus."""
+    """Directory of a compiled corpus (manifest + the memory-mapped series.bin/.idx that
+    `timers1 data build` or `timers1 data compile` writes); empty means the built-in corpus."""
     context_points: int = 2880
     """Points the model sees per training window (a multiple of model.patch_points)."""
     seed: int = 0

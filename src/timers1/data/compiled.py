@@ -86,8 +86,8 @@ def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
     ``corpus_dir`` may be a URI (s3://, gs://, hdfs://, file://); ``out_dir`` (default: the
     corpus directory itself, which must then be local) is a local or shared POSIX directory that
     receives the compiled files and a copy of the manifest. Files are written under temporary
-    names and renamed before the manifest, which is replaced last: a crash leaves the previous
-    state (compiled or not), never a manifest that points at half-written files.
+    names and renamed before the manifest, which is replaced last: a crash never leaves a
+    manifest that points at half-written files (a recompile first withdraws the old entry).
     """
     started = time.perf_counter()
     manifest = read_manifest(corpus_dir)
@@ -130,6 +130,9 @@ def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
         domain_codes.flush()
         source_codes.flush()
         del domain_codes, source_codes
+        if manifest.pop("compiled", None) is not None and (out / "manifest.json").exists():
+            # Recompiling in place: readers see "no training form" until the new one is whole.
+            write_manifest(out, manifest)
         files = {}
         for name in COMPILED_FILES:
             digest = bin_digest.hexdigest() if name == BIN_FILE else file_sha256(tmp[name])

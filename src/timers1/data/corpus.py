@@ -435,15 +435,17 @@ def validate_corpus(corpus_dir: str | Path, deep: bool = False) -> dict:
     manifest = read_manifest(corpus_dir)
     manifest_path = storage.join(corpus_dir, MANIFEST_NAME)
     listed = {entry["file"] for entry in manifest["shards"]}
+    # A training form compiled into a directory of its own names where its shards are.
+    parquet_dir = (manifest.get("compiled") or {}).get("parquet_dir", corpus_dir)
     if not storage.is_uri(corpus_dir):
         for stray in sorted(Path(corpus_dir).glob("shard-*.parquet")):
             if stray.name not in listed:
                 raise CorpusError(f"{stray}: shard is not listed in {manifest_path}")
     rows = points = 0
     for entry in manifest["shards"]:
-        path = storage.join(corpus_dir, entry["file"])
+        path = storage.join(parquet_dir, entry["file"])
         if deep:
-            _, _, lengths = read_checked_shard(corpus_dir, entry, [], verify_hash=True)
+            _, _, lengths = read_checked_shard(parquet_dir, entry, [], verify_hash=True)
             shard_rows, shard_points = len(lengths), int(lengths.sum())
         else:
             check_file(path, entry)
