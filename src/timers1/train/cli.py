@@ -38,10 +38,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train or resume a Timer-S1 run")
-    p.add_argument("--config", type=Path, required=True, help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--run-dir", help="shortcut for --set train.run_dir=DIR")
+    p = sub.add_parser(
+        "train", help="train or resume a Timer-S1 run",
+        description="Train a Timer-S1 model, or resume its run from the newest checkpoint that loads; after "
+                    "the last step export the model to RUN_DIR/model and score it (unless --no-eval). "
+                    "Without data.corpus_dir it trains on the built-in corpus, built once into ~/.cache/timers1.",
+        epilog="examples:\n"
+               "  timers1 train --config configs/small_cpu.yaml\n"
+               "  timers1 train --config configs/small_cpu.yaml --set train.steps=500 --run-dir runs/short\n"
+               "  torchrun --nproc-per-node 2 -m timers1.cli train --config configs/tiny.yaml")
+    p.add_argument("--config", type=Path, required=True, help="run config YAML (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of a config field (e.g. train.lr=1e-3), repeatable")
+    p.add_argument("--run-dir", help="where config, metrics and checkpoints go; shortcut for --set train.run_dir=DIR")
     p.add_argument("--init-from", help="initial weights: a timers1 checkpoint/model dir or the released HF dir")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of a few steps to DIR")
     p.add_argument("--max-steps", type=int, help="stop this invocation after N more steps (resume later)")
