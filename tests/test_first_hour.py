@@ -135,3 +135,108 @@ def test_help_shows_defaults_once_and_version_prints(capsys):
     import timers1
 
     assert capsys.readouterr().out.strip() == f"timers1 {timers1.__version__}"
+
+
+# ----------------------------------------------------------------------------- forecast output
+
+class CrossingForecaster:
+    """Quantiles that cross (q0.6 above q0.7) in every other step, like an unconstrained head."""
+
+    def predict(self, context, horizon):
+        out = np.tile(np.arange(9, dtype=np.float64)[None, :, None], (len(context), 1, horizon))
+        out[:, 5, ::2] = 6.5
+        return out
+
+
+def _hourly_series(item, length, nan_at=()):
+    import pandas as pd
+
+    from timers1.eval.datasets import Series
+
+    values = np.sin(np.arange(length) / 3.0)
+    values[list(nan_at)] = np.nan
+    return Series(item, pd.date_range("2024-01-01", periods=length, freq="h"), values)
+
+
+def test_forecast_quantiles_are_sorted_in_every_row():
+    from timers1.eval.forecasting import QUANTILE_COLUMNS, forecast_series
+
+    frame = forecast_series(CrossingForecaster(), [_hourly_series("a", 50), _hourly_series("b", 60)], 6)
+    values = frame[QUANTILE_COLUMNS].to_numpy()
+    assert len(values) == 12 and (np.diff(values, axis=1) >= 0).all()
+    assert values[0, 5] == 6.0 and values[0, 6] == 6.5  # the crossing pair, swapped
+    raw = CrossingForecaster().predict([None], 6)[0].T
+    assert (np.diff(raw, axis=1) < 0).any()  # the model's own output still crosses
+
+
+def test_inner_nans_are_filled_with_a_one_line_warning(tmp_path, monkeypatch, capsys):
+    from timers1.eval import cli as eval_cli
+
+    series = [_hourly_series("a", 50, nan_at=(10, 11, 30)), _hourly_series("b", 50), _hourly_series("c", 50, (0,))]
+    rows = [{"item_id": s.item_id, "timestamp": t, "target": v} for s in series for t, v in zip(s.timestamps, s.values)]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "in.csv", index=False)
+    monkeypatch.setattr(eval_cli, "_load_checkpoint_forecaster", lambda path: CrossingForecaster())
+    assert main(["forecast", "--checkpoint", str(tmp_path), "--input", str(tmp_path / "in.csv"), "--horizon", "4",
+                 "--output", str(tmp_path / "out.csv"), "--plot", str(tmp_path / "plot.png")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 'in.csv'}: 4 missing target value(s) in 2 series, filled with the "
+                        "last observed value before each (leading ones with the first observed value)"]
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_dir_with_a_corrupt_newest_checkpoint_falls_back_to_its_exported_model(corpus_dir, tmp_path, capsys):
+    from timers1.forecast import load_model
+
+    run_dir = tmp_path / "run"
+    assert main(_train_cmd(corpus_dir, run_dir, ["train.steps=2"])[3:]) == 0
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    for shard in newest.glob("*.distcp"):  # same size: complete.json still checks out
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+    capsys.readouterr()
+    _, model = load_model(run_dir)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {newest}: checkpoint cannot be read") and \
+        f"loading the exported model {run_dir / 'model'} instead" in err
+    _, exported = load_model(run_dir / "model")
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+# ----------------------------------------------------------------------------- corpus inspection
+
+def _corpus_with_zero_series(out):
+    from timers1.data.corpus import CorpusWriter, SeriesRecord
+
+    with CorpusWriter(out, 2**20) as writer:
+        for i in range(12):
+            values = np.zeros(3000 if i == 0 else 100, np.float32) if i % 2 else np.arange(3000 if i == 2 else 100,
+                                                                                            dtype=np.float32) + 1
+            writer.add(SeriesRecord(f"s{i}", values, domain="test", source="test", freq="H"))
+    return out
+
+
+def test_inspect_without_arguments_uses_the_builtin_corpus_and_writes_beside_it(tmp_path, monkeypatch, capsys):
+    from timers1.data import builder, inspect as corpus_inspect
+
+    corpus = _corpus_with_zero_series(tmp_path / "builtin")
+    monkeypatch.setattr(builder, "ensure_default_corpus", lambda: corpus)
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "inspect", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["corpus"] == str(corpus) and stats["series"] == 12
+    assert stats["png"] == str(corpus / "samples.png") and (corpus / "samples.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builtin"]  # nothing in the working directory
+
+    from timers1.data.corpus import read_corpus
+
+    picks = corpus_inspect.sample_indices(read_corpus(corpus), num_series=12)
+    assert picks == [0, 2, 4, 6, 8, 10]  # every series with a non-zero value, none of the all-zero ones
+
+
+def test_panel_titles_say_how_many_points_they_show():
+    from timers1.data.inspect import panel_title
+
+    assert panel_title("a", "H", 3277, 2048) == "a (H, last 2,048 of 3,277 pts)"
+    assert panel_title("a", "", 100, 100) == "a (?, 100 pts)"

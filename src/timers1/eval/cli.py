@@ -63,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
         name = args.baseline
     else:
         source = _load_checkpoint_forecaster(args.checkpoint)
-        name = Path(args.checkpoint).name or str(args.checkpoint)
+        name = str(args.checkpoint)  # runs/x/model, not "model": the run it came from
     report = evaluate(source, specs, model_name=args.name or name, batch_size=args.batch_size,
                       max_context_points=args.context_points or None, cache=cache,
                       log=lambda line: print(line, file=sys.stderr), progress=True)

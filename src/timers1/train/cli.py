@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -27,9 +28,13 @@ def _train(args: argparse.Namespace) -> int:
     if result.stopped_for_requeue:
         return result.exit_code
     if result.step >= cfg.train.steps:
+        if trainer.rank == 0:
+            print(f"exporting the model of step {result.step} to {rundir.model_dir(cfg.train.run_dir)}",
+                  file=sys.stderr, flush=True)
+        started = time.perf_counter()
         model_dir = trainer.export_model(rundir.model_dir(cfg.train.run_dir))
         if trainer.rank == 0:
-            print(f"final model: {model_dir}", file=sys.stderr)
+            print(f"final model: {model_dir} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
             if not args.no_eval:
                 from timers1.train.final_eval import evaluate_run
 
