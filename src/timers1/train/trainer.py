@@ -164,6 +164,9 @@ class Trainer:
     def _build_loader(self):
         from timers1.data import ensure_default_corpus, make_loader
 
+        if not self.cfg.data.corpus_dir and self.rank == 0:
+            print("opening the built-in corpus (the first run builds it into the cache: a minute or two on "
+                  "2 cores)", file=sys.stderr, flush=True)
         corpus = self.cfg.data.corpus_dir or str(ensure_default_corpus(seed=self.cfg.data.seed))
         return make_loader(self.cfg.data, corpus, self.window_points, self.micro_batch,
                            self.engine.dp_rank, self.engine.dp_size,
