@@ -17,11 +17,9 @@ a one-line warning says how many there were.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
 import sys
-from typing import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
