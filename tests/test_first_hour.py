@@ -240,3 +240,20 @@ def test_panel_titles_say_how_many_points_they_show():
 
     assert panel_title("a", "H", 3277, 2048) == "a (H, last 2,048 of 3,277 pts)"
     assert panel_title("a", "", 100, 100) == "a (?, 100 pts)"
+
+
+def test_forecast_plot_labels_its_axes_and_says_how_much_history_it_shows(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from timers1.eval.forecasting import forecast_series, plot_forecasts
+
+    series = [_hourly_series("long", 400), _hourly_series("short", 30)]
+    frame = forecast_series(CrossingForecaster(), series, 12)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_forecasts(series, frame, tmp_path / "p.png")
+    (figure,) = figures
+    first, second = figure.axes
+    assert first.get_title(loc="left") == "long: last 96 of 400 history points, 12 forecast"
+    assert second.get_title(loc="left") == "short: all 30 history points, 12 forecast"
+    assert first.get_ylabel() == "target" and second.get_xlabel() == "timestamp"
