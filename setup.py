@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+TRITON = 'triton==3.7.1; platform_system == "Linux" and platform_machine == "x86_64"'
+
 setup(
     name="timers1",
     version="0.1.0",
@@ -15,10 +17,11 @@ setup(
     package_dir={"": "src", "timers1.kernels": "kernels"},
     packages=find_packages("src") + ["timers1.kernels"],
     install_requires=[
-        # Pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU machines, and
-        # triton 3.7.1 is what CUDA torch 2.13 pins.
+        # Pinned, so that CI and the README's timings use one version. Which build of it pip
+        # installs is the user's choice (README, Set-up): on Linux x86_64 PyPI's wheel is the
+        # CUDA build (several GB of NVIDIA libraries, and it brings triton itself); the CPU
+        # build comes from https://download.pytorch.org/whl/cpu and satisfies this pin too.
         "torch==2.13.0",
-        "triton==3.7.1",
         "numpy>=1.26",
         "pyarrow>=15",
         "PyYAML>=6",
@@ -36,11 +39,15 @@ setup(
         "megatron-core>=0.12",
     ],
     extras_require={
+        # The Triton kernels, where Triton runs. Nothing imports triton on the CPU path (the
+        # kernels fall back to PyTorch without it); 3.7.1 is what CUDA torch 2.13 pins.
+        "gpu": [TRITON],
         "peers": ["fracast>=0.1"],
         # DeepSpeed's CPU Adam for host-offloaded optimizer states (train.optimizer=deepspeed_cpu_adam).
         "offload": ["deepspeed>=0.15", "ninja"],  # Fracast-0, a pretrained peer for timers1 eval --baseline fracast
         "dev": [
             "pytest>=8",
+            TRITON,  # the kernel tests run the Triton kernels on CPU under TRITON_INTERPRET=1
             # The released Timer-S1 code, used only by tests as the numerical oracle.
             "sktime==1.2.0",
             "transformers<5",

@@ -96,7 +96,7 @@ def test_forecast_bad_inputs_name_the_culprit(tmp_path, hourly_csv):
     frame = hourly_frame(items=("x",), length=10).astype({"target": object})
     frame.loc[3, "target"] = "n/a?"
     frame.to_csv(text, index=False)
-    with pytest.raises(DatasetError, match=r"text\.csv: column target: value 'n/a\?' \(row 5, item 'x'\)"):
+    with pytest.raises(DatasetError, match=r"text\.csv: column target: value 'n/a\?' \(line 5, item 'x'\)"):
         forecast_file(forecaster, text, 5, tmp_path / "o.csv")
 
 
@@ -179,7 +179,7 @@ def test_eval_checkpoint_goes_through_load_forecaster(tmp_path, hourly_csv, monk
                      "--no-cache", "--context-points", "48"]) == 0
     assert loaded == [str(ckpt)]
     result = json.loads(out.read_text())
-    assert result["model"] == "ckpt" and result["settings"]["max_context_points"] == 48
+    assert result["model"] == str(ckpt) and result["settings"]["max_context_points"] == 48  # the path, not "ckpt"
     assert result["settings"]["checkpoint"] == str(ckpt)
 
 

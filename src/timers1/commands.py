@@ -39,12 +39,21 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("params", help="print total and active parameter counts of a config")
-    p.add_argument("--config", type=Path, required=False, help="YAML config (defaults: the 8.3B flagship)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p = sub.add_parser("params", help="print total and active parameter counts of a config",
+                       description="Print the total and active (per token) parameter counts of a config's "
+                                   "model, computed on the meta device (no memory, any size).",
+                       epilog="example:\n  timers1 params --config configs/small_cpu.yaml")
+    p.add_argument("--config", type=Path, required=False, help="YAML config (default: the 8.3B flagship)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of a config field (e.g. moe.num_experts=16), repeatable")
     p.set_defaults(func=_params)
 
-    p = sub.add_parser("convert", help="convert between the released HF checkpoint layout and ours")
+    p = sub.add_parser("convert", help="convert between the released HF checkpoint layout and ours",
+                       description="Convert weights between the released Hugging Face layout of Timer-S1 "
+                                   "and a timers1 model directory (config.yaml + model.safetensors).",
+                       epilog="examples:\n"
+                              "  timers1 convert --from-hf ~/timer_s1_hf --out models/timer_s1\n"
+                              "  timers1 convert --to-hf --checkpoint runs/small_cpu --out exported_hf")
     p.add_argument("--from-hf", type=Path, help="released-layout directory to read")
     p.add_argument("--to-hf", action="store_true", help="write the released layout from --checkpoint")
     p.add_argument("--checkpoint", type=Path, help="our checkpoint directory (with --to-hf)")

@@ -181,7 +181,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Where the resolved config, metrics and checkpoints go."""
     peak_tflops: float = 0.0
-    """Hardware peak for MFU; 0 measures a dense matmul at start."""
+    """Peak TFLOP/s of one device, the denominator of MFU; 0: the peak `timers1 bench peak` cached for this machine, else the best of a few dense matmul measurements at start."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ as if it were alone (no extra padding patches enter its attention).
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ from timers1.config import Config
 from timers1.errors import InputError
 from timers1.model import TimerS1, build_model
 from timers1.rundir import (CHECKPOINTS_DIR, RUN_CONFIG, checkpoints_dir, config_file, has_dcp_metadata,
-                            latest_checkpoint, run_dir_of_checkpoint)
+                            latest_checkpoint, model_dir, run_dir_of_checkpoint)
 
 
 class ForecastInputError(InputError):
@@ -126,15 +127,29 @@ class Forecaster:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, TimerS1]:
-    """A model from our model directory or from the released Hugging Face layout."""
+    """A model from a run directory, a training checkpoint, our model directory or the released
+    Hugging Face layout.
+
+    A run directory whose newest checkpoint is incomplete or cannot be read falls back, with a
+    warning, to the model exported beside it (``<run>/model``, written from the last checkpoint
+    at the end of training).
+    """
     from timers1 import hf
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    dcp_dir = _training_checkpoint(path)
-    if dcp_dir is not None:
-        return _load_training_checkpoint(dcp_dir, device)
+    exported = model_dir(path)
+    fallback = (exported / hf.OUR_WEIGHTS).is_file() and not has_dcp_metadata(path)
+    try:
+        dcp_dir = _training_checkpoint(path)
+        if dcp_dir is not None:
+            return _load_training_checkpoint(dcp_dir, device)
+    except (hf.CheckpointFormatError, FileNotFoundError) as exc:
+        if not fallback:
+            raise
+        print(f"warning: {exc}; loading the exported model {exported} instead", file=sys.stderr, flush=True)
+        path = exported
     if hf.is_hf_dir(path):
         model_cfg, moe_cfg, state = hf.read_hf_dir(path)
         cfg = Config(model=model_cfg, moe=moe_cfg)

@@ -35,11 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default=None, help="compiled corpus dir; default: build a default corpus in a temp dir")
     p.add_argument("--num-synthetic-series", type=int, default=800, help="size of the corpus built when --corpus is not given")
     p.add_argument("--window-points", type=int, default=2880, help="points per window (flagship context: 2880)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--flip-probability", type=float, default=0.5)
-    p.add_argument("--resample-probability", type=float, default=0.2)
+    p.add_argument("--batch-size", type=int, default=256, help="windows per batch")
+    p.add_argument("--flip-probability", type=float, default=0.5, help="augmentation: chance a window is flipped")
+    p.add_argument("--resample-probability", type=float, default=0.2, help="augmentation: chance a window is resampled")
     p.add_argument("--seconds", type=float, default=3.0, help="time spent measuring each configuration")
-    p.add_argument("--mfu", type=float, default=0.30)
+    p.add_argument("--mfu", type=float, default=0.30, help="MFU of the H100 whose consumption the loader is compared with")
 
 
 def _measure(sampler, batch_size: int, seconds: float, warm: bool = True) -> float:

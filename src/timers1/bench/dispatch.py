@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=256, help="model width D")
     p.add_argument("--expert-hidden", type=int, default=512, help="expert width F")
     p.add_argument("--experts", type=int, default=8, help="experts E")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=2, help="experts per token K")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
 
 
 def _sync(device):

@@ -745,7 +745,7 @@ def run(args) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda | cpu (the dry run); default: cuda if available")
     p.add_argument("--quick", action="store_true", help="smaller shapes, fewer steps, tighter time limits")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="sections to run, in this order")
     p.add_argument("--out", default=None, metavar="DIR", help="also write DIR/results.jsonl and DIR/summary.md")
     p.add_argument("--scratch", default=None, metavar="DIR", help="checkpoint files go here (default: temp dir)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats per measurement (default 10 GPU, 3 CPU)")
@@ -753,6 +753,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 NAME = "gpu"
+EXAMPLE = "timers1 bench gpu --quick --out results/gpu"
 HELP = "the prepared single-GPU check: kernels, throughput, megatron peer, 1B training, DCP (JSON lines)"
 
 if __name__ == "__main__":

@@ -142,10 +142,11 @@ def run(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES), help="layer shapes to measure")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernel implementation (auto: Triton on CUDA, the PyTorch fast path on CPU)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--profile", default=None, metavar="DIR", help="write torch.profiler traces to DIR")
 

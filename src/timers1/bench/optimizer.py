@@ -20,7 +20,7 @@ HELP = "DeepSpeed CPU Adam vs torch AdamW step time on the same parameters"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params-millions", type=float, default=20.0, help="fp32 parameters to update")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps of each")
 
 
 def _time_steps(optimizer, params, steps: int) -> float:

@@ -1,7 +1,7 @@
 """`timers1 bench train`: steps/s, tokens/s and MFU of a training step on this machine.
 
-MFU's denominator is the dense matmul peak measured in the same run on the same device and
-dtype (fp32 on CPU), so the ratio says how much of what this machine can do the whole step
+MFU's denominator is the dense matmul peak measured in the same run (best of several) on the same
+device and dtype (fp32 on CPU), so the ratio says how much of what this machine can do the whole step
 (attention, routing, permutation, norms, optimizer) turns into model FLOPs.
 """
 
@@ -15,7 +15,7 @@ import time
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/small_cpu.yaml", help="run config (model, moe, context, batch)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override, repeatable")
     p.add_argument("--steps", type=int, default=10, help="measured steps (after 2 warm-up steps)")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of the measured steps")
 
@@ -98,7 +98,7 @@ def run(args) -> int:
         for _ in range(args.steps):
             step()
         elapsed = (time.perf_counter() - started) / args.steps
-    peak = measure_peak_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32, seconds=1.0)
+    peak = measure_peak_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     patches = rig.patches_per_step
     flops = rig.train_flops_per_step()
     print(json.dumps({

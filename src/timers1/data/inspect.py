@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from timers1.data.corpus import Corpus, length_histogram, read_corpus
+from timers1.errors import InputError
 
 
 def corpus_stats(corpus: Corpus) -> dict:
@@ -33,6 +34,24 @@ def corpus_stats(corpus: Corpus) -> dict:
     }
 
 
+def sample_indices(corpus: Corpus, num_series: int, seed: int = 0) -> list[int]:
+    """Up to ``num_series`` random series, in corpus order, skipping those with no non-zero value
+    (padding-like series say nothing about the corpus in a picture)."""
+    picks = []
+    for index in np.random.default_rng(seed).permutation(corpus.num_series).tolist():
+        if len(picks) == num_series:
+            break
+        if np.any(corpus.series(index) != 0):
+            picks.append(index)
+    return sorted(picks)
+
+
+def panel_title(item_id: str, freq: str | None, length: int, shown: int) -> str:
+    """The series, its frequency and how many of its points the panel shows."""
+    points = f"{length:,} pts" if shown == length else f"last {shown:,} of {length:,} pts"
+    return f"{item_id[:40]} ({freq or '?'}, {points})"
+
+
 def plot_samples(corpus: Corpus, png_path: str | Path, num_series: int = 12, seed: int = 0,
                  max_points: int = 2048) -> Path:
     """A PNG grid of randomly chosen series (their last max_points points), titled by source."""
@@ -41,18 +60,17 @@ def plot_samples(corpus: Corpus, png_path: str | Path, num_series: int = 12, see
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(corpus.num_series, size=min(num_series, corpus.num_series), replace=False))
+    picks = sample_indices(corpus, num_series, seed)
     cols = 3
-    rows = int(np.ceil(len(picks) / cols))
+    rows = max(1, int(np.ceil(len(picks) / cols)))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.2 * rows), squeeze=False)
     for ax in axes.flat[len(picks):]:
         ax.axis("off")
-    for ax, index in zip(axes.flat, picks.tolist()):
+    for ax, index in zip(axes.flat, picks):
         values = corpus.series(index)[-max_points:]
         ax.plot(values, linewidth=0.6)
-        freq = corpus.freqs[index] or "?"
-        ax.set_title(f"{corpus.item_ids[index][:40]} ({freq}, {corpus.lengths[index]} pts)", fontsize=7)
+        ax.set_title(panel_title(corpus.item_ids[index], corpus.freqs[index], int(corpus.lengths[index]),
+                                 len(values)), fontsize=7)
         ax.tick_params(labelsize=6)
     fig.tight_layout()
     png_path = Path(png_path)
@@ -63,7 +81,8 @@ def plot_samples(corpus: Corpus, png_path: str | Path, num_series: int = 12, see
 
 
 def format_stats(stats: dict) -> str:
-    lines = [f"{stats['series']} series, {stats['points']:,} points, {stats['shards']} shard(s)",
+    lines = [(f"{stats['corpus']}: " if "corpus" in stats else "")
+             + f"{stats['series']} series, {stats['points']:,} points, {stats['shards']} shard(s)",
              "length percentiles: " + ", ".join(f"{k}={v}" for k, v in stats["length_percentiles"].items()),
              "length histogram:"]
     width = max(stats["length_histogram"].values() or [1]) or 1
@@ -78,9 +97,31 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def inspect_corpus(corpus_dir: str | Path, png_path: str | Path | None = None, num_series: int = 12) -> dict:
+DEFAULT_PLOT_NAME = "samples.png"
+
+
+def default_plot_path(corpus_dir: str | Path) -> Path:
+    """``samples.png`` inside a local corpus directory; a corpus behind a URI needs an explicit path."""
+    text = str(corpus_dir)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
+        raise InputError(f"{corpus_dir}: the sample plot of a corpus at a URI needs --plot PATH (or --no-plot)")
+    return Path(text) / DEFAULT_PLOT_NAME
+
+
+def inspect_corpus(corpus_dir: str | Path | None = None, png_path: str | Path | None = None, num_series: int = 12,
+                   plot: bool = True) -> dict:
+    """Statistics of a corpus (default: the built-in one, built first if the cache lacks it) and,
+    with ``plot``, a sample plot at ``png_path`` (default: ``samples.png`` in the corpus directory)."""
+    if corpus_dir is None:
+        from timers1.data.builder import ensure_default_corpus
+
+        corpus_dir = ensure_default_corpus()
+    if plot and not png_path:
+        png_path = default_plot_path(corpus_dir)
     corpus = read_corpus(corpus_dir)
-    stats = corpus_stats(corpus)
-    if png_path:
+    stats = {"corpus": str(corpus_dir), **corpus_stats(corpus)}
+    if plot:
         stats["png"] = str(plot_samples(corpus, png_path, num_series))
     return stats

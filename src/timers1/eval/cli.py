@@ -63,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
         name = args.baseline
     else:
         source = _load_checkpoint_forecaster(args.checkpoint)
-        name = Path(args.checkpoint).name or str(args.checkpoint)
+        name = str(args.checkpoint)  # runs/x/model, not "model": the run it came from
     report = evaluate(source, specs, model_name=args.name or name, batch_size=args.batch_size,
                       max_context_points=args.context_points or None, cache=cache,
                       log=lambda line: print(line, file=sys.stderr), progress=True)
@@ -120,7 +120,10 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="score a checkpoint or a baseline with the GIFT-Eval protocol",
                        description="Score a checkpoint or a baseline with the GIFT-Eval protocol "
                                    "(per-configuration MASE and CRPS, geometric means relative to "
-                                   "seasonal naive).")
+                                   "seasonal naive).",
+                       epilog="examples:\n"
+                              "  timers1 eval --checkpoint runs/small_cpu --data ../shared/data/gift8 --output gift8.json\n"
+                              "  timers1 eval --baseline auto_ets --data configs/eval_extra.yaml --output extra.csv")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint, loaded by timers1.forecast.load_forecaster")
     src.add_argument("--baseline", choices=BASELINE_NAMES, help="score a baseline instead of a checkpoint")
@@ -129,26 +132,29 @@ def register(sub) -> None:
     p.add_argument("--configs", nargs="+", metavar="NAME", help="only these configurations (e.g. m4_hourly/H/short)")
     p.add_argument("--output", required=True, help="results file: .json or .csv")
     p.add_argument("--compare", metavar="CSV", help="leaderboard_per_config.csv: rank among published models")
-    p.add_argument("--name", help="model name in the results (default: checkpoint folder or baseline)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call (64)")
+    p.add_argument("--name", help="model name in the results (default: the checkpoint path or the baseline)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call")
     p.add_argument("--context-points", type=_non_negative_int, default=0,
                    help="truncate contexts to the most recent N points (0: whole history)")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="processes for statsforecast baselines (1)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="processes for statsforecast baselines")
     p.add_argument("--cache-dir", help="baseline forecast cache (default $TIMERS1_CACHE_DIR or ~/.cache/timers1)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the baseline cache")
     p.set_defaults(func=run_eval)
 
     f = sub.add_parser("forecast", help="quantile forecasts of a long-format file",
                        description="Forecast every series of a long-format file (item_id, timestamp, "
-                                   "target; CSV or Parquet): quantiles 0.1..0.9 per future step.")
+                                   "target; CSV or Parquet): quantiles 0.1..0.9 per future step, "
+                                   "non-decreasing in every row.",
+                       epilog="example:\n  timers1 forecast --checkpoint runs/small_cpu --input series.csv "
+                              "--horizon 48 --output forecast.csv --plot forecast.png")
     f.add_argument("--checkpoint", required=True, help="model checkpoint (timers1.forecast.load_forecaster)")
     f.add_argument("--input", required=True, help="long-format .csv/.csv.gz/.parquet")
     f.add_argument("--horizon", required=True, type=_positive_int, help="steps to forecast")
     f.add_argument("--output", required=True, help="forecasts: .csv/.csv.gz/.parquet")
     f.add_argument("--plot", metavar="FILE.png", help="draw history, median and 10-90%% band")
-    f.add_argument("--max-series-plotted", type=_positive_int, default=4, help="series in the plot (4)")
+    f.add_argument("--max-series-plotted", type=_positive_int, default=4, help="series in the plot")
     f.add_argument("--freq", help="frequency of every series (default: inferred per series)")
-    f.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call (64)")
+    f.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call")
     f.add_argument("--context-points", type=_non_negative_int, default=0,
                    help="truncate contexts to the most recent N points (0: whole history)")
     f.set_defaults(func=run_forecast)

@@ -25,6 +25,8 @@ REQUIRED_COLUMNS = ("item_id", "timestamp", "target")
 TEST_SPLIT = 0.1
 """GIFT-Eval: the windows cover about this fraction of the shortest series."""
 MAX_WINDOWS = 20
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".csv.xz", ".tsv", ".tsv.gz")
+"""Text files, read by pandas; their errors name file lines (the header is line 1)."""
 
 
 class DatasetError(InputError):
@@ -50,7 +52,7 @@ def read_long_format(path: str | Path) -> pd.DataFrame:
     try:
         if name.endswith((".parquet", ".pq")):
             frame = pd.read_parquet(path)
-        elif name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.zst", ".csv.xz", ".tsv", ".tsv.gz")):
+        elif name.endswith(CSV_SUFFIXES):
             frame = pd.read_csv(path, sep="\t" if ".tsv" in name else ",",
                                 dtype={"item_id": str}, keep_default_na=True)
         else:
@@ -76,11 +78,15 @@ def read_long_format(path: str | Path) -> pd.DataFrame:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DatasetError(f"{path}: column target: value {frame['target'].iloc[row]!r} "
-                           f"(row {row + 2}, item {frame['item_id'].iloc[row]!r}) is not a number")
+                           f"(line {row + 2}, item {frame['item_id'].iloc[row]!r}) is not a number")
     frame["target"] = target.astype(np.float64)
     if frame.duplicated(["item_id", "timestamp"]).any():
-        dup = frame[frame.duplicated(["item_id", "timestamp"], keep=False)].iloc[0]
-        raise DatasetError(f"{path}: item {dup['item_id']!r} has duplicate timestamp {dup['timestamp']}")
+        rows = np.flatnonzero(frame.duplicated(["item_id", "timestamp"], keep=False).to_numpy())
+        dup = frame.iloc[rows[0]]
+        same = rows[(frame["item_id"].to_numpy()[rows] == dup["item_id"])
+                    & (frame["timestamp"].to_numpy()[rows] == dup["timestamp"].to_datetime64())]
+        where = f" (lines {same[0] + 2} and {same[1] + 2})" if name.endswith(CSV_SUFFIXES) else ""
+        raise DatasetError(f"{path}: item {dup['item_id']!r} has duplicate timestamp {dup['timestamp']}{where}")
     return frame
 
 

@@ -4,11 +4,21 @@
 Parquet), forecasts every series ``horizon`` steps past its end, and writes one row per
 (item_id, timestamp) with columns q0.1 .. q0.9; timestamps continue at each series' inferred
 frequency (or ``freq``). ``plot_forecasts`` draws history, median and the 10-90% band.
+
+The quantiles of every row are sorted after the model: its nine heads are trained jointly but
+not constrained to be ordered, and an output row where q0.6 > q0.7 is not a distribution.
+Sorting leaves every set of quantiles that was already ordered as it was (the model's own
+output, which parity tests compare with the released code, is ``Forecaster.predict``'s).
+
+Missing target values (NaN) inside a series are accepted and filled with the last observed
+value before them (leading ones with the first observed value), the GIFT-Eval imputation;
+a one-line warning says how many there were.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +33,17 @@ from timers1.eval.metrics import QUANTILE_LEVELS
 QUANTILE_COLUMNS = [f"q{q:g}" for q in QUANTILE_LEVELS]
 
 
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
 def forecast_series(forecaster: Forecaster, series: Sequence[Series], horizon: int, *,
                     freq: str | None = None, source: str = "input", batch_size: int = 64,
-                    max_context_points: int | None = None) -> pd.DataFrame:
-    """Quantile forecasts of every series as a long frame: item_id, timestamp, q0.1 .. q0.9."""
+                    max_context_points: int | None = None,
+                    warn: Callable[[str], None] = _warn) -> pd.DataFrame:
+    """Quantile forecasts of every series as a long frame: item_id, timestamp, q0.1 .. q0.9,
+    non-decreasing in every row. Missing values are filled (see the module's docstring) and
+    counted in one ``warn`` line."""
     if not isinstance(horizon, (int, np.integer)) or isinstance(horizon, bool) or horizon < 1:
         raise InputError(f"--horizon {horizon!r}: must be a positive integer")
     if not series:
@@ -41,8 +58,13 @@ def forecast_series(forecaster: Forecaster, series: Sequence[Series], horizon: i
             raise DatasetError(f"{source}: series {s.item_id!r} has {len(s.values)} points, "
                                f"shorter than the horizon {horizon}")
         frequencies.append(fixed or infer_frequency(s.timestamps, f"{source}: series {s.item_id!r}"))
+    missing = [int(np.isnan(s.values).sum()) for s in series]
+    if sum(missing):
+        warn(f"{source}: {sum(missing)} missing target value(s) in {sum(1 for m in missing if m)} series, "
+             f"filled with the last observed value before each (leading ones with the first observed value)")
     quantiles = predict_batched(forecaster, [s.values for s in series], horizon,
                                 batch_size=batch_size, max_context_points=max_context_points)
+    quantiles = np.sort(quantiles, axis=1)  # [N, Q, H]: each step's quantiles in order
     parts = []
     for s, f, q in zip(series, frequencies, quantiles):
         offset = f.pandas_offset
@@ -88,13 +110,16 @@ def plot_forecasts(series: Sequence[Series], forecasts: pd.DataFrame, path: str 
     by_item = {item: g for item, g in forecasts.groupby("item_id", sort=False)}
     for ax, s in zip(axes[:, 0], shown):
         fc = by_item[s.item_id]
-        keep = history_points or max(4 * len(fc), 96)
+        keep = min(len(s.values), history_points or max(4 * len(fc), 96))
         ax.plot(s.timestamps[-keep:], s.values[-keep:], color="black", lw=1, label="history")
         ax.fill_between(fc["timestamp"], fc["q0.1"], fc["q0.9"], color="tab:blue", alpha=0.25,
                         label="10-90%")
         ax.plot(fc["timestamp"], fc["q0.5"], color="tab:blue", lw=1.5, label="median")
-        ax.set_title(str(s.item_id), fontsize=9, loc="left")
+        shown = f"all {keep:,}" if keep == len(s.values) else f"last {keep:,} of {len(s.values):,}"
+        ax.set_title(f"{s.item_id}: {shown} history points, {len(fc)} forecast", fontsize=9, loc="left")
+        ax.set_ylabel("target", fontsize=8)
         ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel("timestamp", fontsize=8)
     axes[0, 0].legend(loc="upper left", fontsize=8, ncol=3)
     fig.tight_layout()
     path = Path(path)

@@ -90,7 +90,9 @@ class EvalReport:
 
     def format_table(self) -> str:
         header = f"{'configuration':<24} {'H':>4} {'W':>3} {'m':>3} {'MASE':>9} {'CRPS':>9} {'rel MASE':>9} {'rel CRPS':>9} {'s':>7}"
-        lines = [f"model: {self.model}", header, "-" * len(header)]
+        lines = [f"model: {self.model}", "H: horizon (points forecast), W: test windows per series, "
+                 "m: seasonality of MASE and seasonal naive; rel: relative to seasonal naive (lower is better); "
+                 "s: seconds", header, "-" * len(header)]
         for r in self.results:
             lines.append(f"{r.config:<24} {r.horizon:>4} {r.windows:>3} {r.seasonality:>3} {r.MASE:>9.4f} "
                          f"{r.CRPS:>9.4f} {r.relative_MASE:>9.4f} {r.relative_CRPS:>9.4f} "
@@ -265,7 +267,8 @@ def format_comparison(table: pd.DataFrame, around: int = 5) -> str:
             lines.append(f"{'...':>5}")
         row = table.iloc[i]
         marker = " <==" if row["ours"] else ""
-        lines.append(f"{row['rank_CRPS']:>5} {row['rank_MASE']:>5}  {row['model'][:40]:<40} "
+        model = row["model"] if len(row["model"]) <= 40 else "..." + row["model"][-37:]  # a path's end says most
+        lines.append(f"{row['rank_CRPS']:>5} {row['rank_MASE']:>5}  {model:<40} "
                      f"{row['relative_CRPS']:>9.4f} {row['relative_MASE']:>9.4f}{marker}")
         previous = i
     return "\n".join(lines)

@@ -52,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU in GiB")
     p.add_argument("--layout", default="", help="e.g. dp_shard=8,tp=1,pp=1,ep=8 (default: search)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="training precision the memory is planned for")
     p.add_argument("--top", type=int, default=5, help="candidates to print when searching")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(func=_plan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 
@@ -27,9 +28,13 @@ def _train(args: argparse.Namespace) -> int:
     if result.stopped_for_requeue:
         return result.exit_code
     if result.step >= cfg.train.steps:
+        if trainer.rank == 0:
+            print(f"exporting the model of step {result.step} to {rundir.model_dir(cfg.train.run_dir)}",
+                  file=sys.stderr, flush=True)
+        started = time.perf_counter()
         model_dir = trainer.export_model(rundir.model_dir(cfg.train.run_dir))
         if trainer.rank == 0:
-            print(f"final model: {model_dir}", file=sys.stderr)
+            print(f"final model: {model_dir} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
             if not args.no_eval:
                 from timers1.train.final_eval import evaluate_run
 
@@ -38,10 +43,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train or resume a Timer-S1 run")
-    p.add_argument("--config", type=Path, required=True, help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--run-dir", help="shortcut for --set train.run_dir=DIR")
+    p = sub.add_parser(
+        "train", help="train or resume a Timer-S1 run",
+        description="Train a Timer-S1 model, or resume its run from the newest checkpoint that loads; after "
+                    "the last step export the model to RUN_DIR/model and score it (unless --no-eval). "
+                    "Without data.corpus_dir it trains on the built-in corpus, built once into ~/.cache/timers1.",
+        epilog="examples:\n"
+               "  timers1 train --config configs/small_cpu.yaml\n"
+               "  timers1 train --config configs/small_cpu.yaml --set train.steps=500 --run-dir runs/short\n"
+               "  torchrun --nproc-per-node 2 -m timers1.cli train --config configs/tiny.yaml")
+    p.add_argument("--config", type=Path, required=True, help="run config YAML (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of a config field (e.g. train.lr=1e-3), repeatable")
+    p.add_argument("--run-dir", help="where config, metrics and checkpoints go; shortcut for --set train.run_dir=DIR")
     p.add_argument("--init-from", help="initial weights: a timers1 checkpoint/model dir or the released HF dir")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of a few steps to DIR")
     p.add_argument("--max-steps", type=int, help="stop this invocation after N more steps (resume later)")

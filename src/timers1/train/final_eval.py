@@ -68,11 +68,13 @@ def evaluate_run(cfg: Config, model_dir: str | Path, log=None):
         specs = load_specs_yaml(source) if source.suffix in (".yaml", ".yml") else gift8_specs(source)
         name = f"GIFT ({source})"
     else:
+        log(f"writing the held-out synthetic set to {run_dir / 'heldout_data'}")
         specs = heldout_specs(run_dir / "heldout_data", cfg.data.seed + HELDOUT_SEED_OFFSET)
         name = "held-out synthetic set"
-    log(f"evaluating {model_dir} on the {name}, context {context} points")
+    log(f"evaluating {model_dir} on the {name} ({len(specs)} configurations), context {context} points")
+    # A bar per configuration on a terminal; a line as each one ends everywhere.
     report = evaluate(forecaster, specs, model_name=str(model_dir), batch_size=cfg.eval.batch_size,
-                      max_context_points=context, log=log)
+                      max_context_points=context, log=log, progress=True)
     report.save(run_dir / "eval.json")
     log(report.format_table())
     return report

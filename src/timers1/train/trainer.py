@@ -41,10 +41,10 @@ from timers1.config import Config, ConfigError, save_config
 from timers1.errors import CheckpointError, InputError, TrainingDiverged
 from timers1.model import build_model
 from timers1.model.flops import train_flops_per_patch
-from timers1.parallel.engine import build_engine
+from timers1.parallel.engine import build_engine, uses_bf16
 from timers1.train.checkpoint import CheckpointManager, checkpoint_keys, rng_state, set_rng_state
 from timers1.train.faults import REQUEUE_EXIT_CODE, PreemptionSignals, StepGuard
-from timers1.train.metrics import MetricsLogger, expert_load_stats, measure_peak_tflops, memory_stats
+from timers1.train.metrics import MetricsLogger, PeakFlops, expert_load_stats, memory_stats
 from timers1.train.optim import PartOptimizers
 
 
@@ -107,10 +107,9 @@ class Trainer:
         self.profile_dir = profile_dir
         self.max_steps_this_run = max_steps_this_run
         self.progress = sys.stderr.isatty() if progress is None else progress
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, rundir.config_file(self.run_dir))
-            self._clear_control_files()
+        # Nothing in the run dir changes before the initial weights, the corpus and the checkpoint
+        # to resume from have loaded: config.yaml is written and old control files are cleared
+        # in fit(), after resume(). (A bad --init-from used to leave a new run dir behind.)
 
         t = cfg.train
         self.patch = cfg.model.patch_points
@@ -124,6 +123,11 @@ class Trainer:
         if init_path:
             from timers1.forecast import load_model
 
+            if not Path(init_path).exists():
+                given = "--init-from" if init_from else "checkpoint.init_from"
+                raise InputError(f"{given} {init_path}: does not exist",
+                                 hint="give a run directory, a checkpoints/step_<N> or model directory, "
+                                      "or the released Hugging Face directory")
             _, source = load_model(init_path)
             missing = model.load_state_dict(source.state_dict(), strict=True)
             del source, missing
@@ -151,7 +155,8 @@ class Trainer:
         # An interval save that is due but waits for weights that produced an applied step.
         self._save_due = False
         self.flops_per_patch = train_flops_per_patch(cfg.model, cfg.moe, self.context_points // self.patch)
-        self.peak_tflops = t.peak_tflops or measure_peak_tflops(self.device)
+        self.peak = PeakFlops(self.device, torch.bfloat16 if uses_bf16(cfg, self.device) else torch.float32,
+                              t.peak_tflops)
         # Seed dropout etc. per rank so ranks differ but runs repeat.
         torch.manual_seed(t.seed * 1000003 + self.rank)
 
@@ -159,6 +164,9 @@ class Trainer:
     def _build_loader(self):
         from timers1.data import ensure_default_corpus, make_loader
 
+        if not self.cfg.data.corpus_dir and self.rank == 0:
+            print("opening the built-in corpus (the first run builds it into the cache: a minute or two on "
+                  "2 cores)", file=sys.stderr, flush=True)
         corpus = self.cfg.data.corpus_dir or str(ensure_default_corpus(seed=self.cfg.data.seed))
         return make_loader(self.cfg.data, corpus, self.window_points, self.micro_batch,
                            self.engine.dp_rank, self.engine.dp_size,
@@ -363,6 +371,12 @@ class Trainer:
         stopped = finished = False
         try:
             self.resume()
+            if self.rank == 0:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, rundir.config_file(self.run_dir))
+                self._clear_control_files()
+            if _is_dist():  # no rank looks for STOP before a stale one is gone
+                dist.barrier(group=self._cpu_group)
             # Steps after the checkpoint are redone: their old lines go, so each step appears once.
             logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, after_step=self.step)
             start_step = self.step
@@ -371,6 +385,10 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            elif self.rank == 0 and self.step < stop_at:
+                print(f"training steps {self.step + 1}-{stop_at} of {t.steps}, a line every {t.log_interval_steps} "
+                      f"step(s); MFU against {self.peak.tflops:.3g} TFLOP/s ({self.peak.source} peak)",
+                      file=sys.stderr, flush=True)
             with self._profiler() as profiler:
                 while True:
                     # Before every step, the first included: a signal during start-up stops here.
@@ -395,7 +413,9 @@ class Trainer:
                         "step_time_s": elapsed,
                         "points_per_s": points / elapsed,
                         "tokens_per_s": patches / elapsed,
-                        "mfu": self.flops_per_patch * patches / elapsed / (self.peak_tflops * 1e12 * self.world_size),
+                        "mfu": self.peak.mfu(self.flops_per_patch * patches / elapsed / self.world_size),
+                        "peak_tflops": self.peak.tflops,
+                        "peak_source": self.peak.source,
                         **memory_stats(self.device),
                     })
                     if self.step % t.log_interval_steps == 0 or self.step == stop_at or not applied:
