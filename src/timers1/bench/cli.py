@@ -23,6 +23,7 @@ BENCH_MODULES = [
     "timers1.bench.checkpoint",
     "timers1.bench.optimizer",
     "timers1.bench.gpu",
+    "timers1.bench.plan",
 ]
 
 
