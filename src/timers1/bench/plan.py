@@ -7,10 +7,10 @@ is ``timers1.parallel.step_time`` with the ``cpu_gloo`` profile, whose machine f
 measured in the same run before any layout: the fp32 matmul peak and memcpy bandwidth of one
 thread and the loopback link's alpha and beta (a 2-rank all-gather at two sizes), and, since
 this machine's 2 cores are shared with other work whose load changes by the minute, the matmul
-peak again inside each layout's ranks, all computing at once, just before and just after its
-steps (``measure_peak_tflops``, as ``timers1 bench train`` measures it): the prediction for
-that layout runs at the mean of the two (ranks sharing cores see it already divided), and the
-memcpy bandwidth scaled by the same factor. One JSON line
+peak again inside each layout's ranks, all computing at once, after each of its measured steps
+(``measure_peak_tflops``, as ``timers1 bench train`` measures it; the slowest rank's): the
+prediction for that layout runs at the median of these (ranks sharing cores see it already
+divided), and the memcpy bandwidth scaled by the same factor. One JSON line
 per layout (``layout``, ``predicted_s``, ``measured_s``, ``ratio`` = measured / predicted),
 then a summary line: every ratio within 1.5x either way, and the measured ranking against the
 predicted one.
@@ -43,9 +43,11 @@ TARGET = 1.5
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/small_cpu.yaml", help="the small config to run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--layouts", nargs="+", default=["single", "dp2", "dp2_ep2", "tp2", "pp2", "dp4_ep4"],
+                   choices=list(LAYOUTS))
     p.add_argument("--steps", type=int, default=6, help="measured steps per layout (median)")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
+    p.add_argument("--peak-seconds", type=float, default=0.3, help="matmul peak sample after each measured step")
     p.add_argument("--cluster", default="cpu_gloo", help="profile whose link/peak figures are replaced by measured ones")
 
 
@@ -82,7 +84,8 @@ def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue)
     def peak_now() -> float:
         """Matmul TFLOP/s of the slowest rank while every rank of the layout runs one."""
         dist.barrier()
-        rate = torch.tensor([measure_peak_tflops(torch.device("cpu"), torch.float32, seconds=1.0)], dtype=torch.float64)
+        rate = torch.tensor([measure_peak_tflops(torch.device("cpu"), torch.float32, seconds=args.peak_seconds)],
+                            dtype=torch.float64)
         dist.all_reduce(rate, op=dist.ReduceOp.MIN)
         return float(rate)
 
@@ -90,8 +93,7 @@ def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue)
     try:
         rig = TrainingRig(_config(args, overrides), torch.device("cpu"), world_size=world)
         values, mask = rig.windows()
-        peaks = [peak_now()]
-        samples = []
+        samples, peaks = [], []
         for i in range(args.warmup + args.steps):
             dist.barrier()
             t0 = time.perf_counter()
@@ -100,7 +102,7 @@ def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             if i >= args.warmup:
                 samples.append(float(elapsed))
-        peaks.append(peak_now())
+                peaks.append(peak_now())  # after every measured step: the machine's speed drifts with its load
         if rank == 0:
             queue.put((samples, peaks))
     finally:
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = _config(args, overrides)
         dims = ParallelDims.from_config(cfg.parallel, world)
         samples, peaks = _spawn(_timed_steps, world, args, overrides)
-        peak = statistics.mean(peaks)
+        peak = statistics.median(peaks)
         now = replace(profile, peak_tflops=peak, memory_gb_s=profile.memory_gb_s * peak / profile.peak_tflops,
                       compute_slots_per_node=0)
         predicted = predict_step(cfg, dims, now)

@@ -32,12 +32,12 @@ def _dims_text(layout: dict) -> str:
 
 def _row(rank: int, pl) -> str:
     s = pl.step
-    return (f"{rank:>3}  {_dims_text(s.layout):<52} {pl.memory.total_gib:7.1f} {'yes' if pl.fits else 'NO ':>4} "
+    return (f"{rank:>3}  {_dims_text(s.layout):<62} {pl.memory.total_gib:7.1f} {'yes' if pl.fits else 'NO ':>4} "
             f"{s.step_time_s:8.3f} {s.compute_s:8.3f} {s.exposed_comm_s:8.3f} {s.bubble_s:7.3f} "
             f"{s.tokens_per_s / 1e3:9.1f}k {100 * s.mfu:6.1f}%")
 
 
-HEADER = (f"{'#':>3}  {'layout':<52} {'mem GiB':>7} {'fits':>4} {'step s':>8} {'compute':>8} {'exp.comm':>8} "
+HEADER = (f"{'#':>3}  {'layout':<62} {'mem GiB':>7} {'fits':>4} {'step s':>8} {'compute':>8} {'exp.comm':>8} "
           f"{'bubble':>7} {'tokens/s':>10} {'MFU':>7}")
 
 
