@@ -163,3 +163,27 @@ def test_clusters_yaml_errors_name_the_field(tmp_path):
     from timers1.errors import InputError
     with pytest.raises(InputError, match="h100_sxm: gpus_per_node='eight'"):
         load_clusters(bad)
+
+
+def test_sync_wait_is_paid_per_collective_call():
+    p = _profile(sync_s=2e-3)
+    c = Collective("ep", "all_to_all", 8, 1, 1e6, 5)
+    assert c.seconds(p) == pytest.approx(5 * (all_to_all_s(p, 8, 1, 1e6) + 2e-3))
+
+
+def test_bench_plan_layouts_are_valid_for_its_config():
+    """Every layout `timers1 bench plan` runs is one the engine accepts, and gets a prediction."""
+    from timers1.bench.plan import LAYOUTS
+
+    profile = cluster_profile("cpu_gloo")
+    worlds = set()
+    for name, (world, overrides) in LAYOUTS.items():
+        cfg = load_config(CONFIGS_DIR / "small_cpu.yaml", [f"parallel.{k}={v}" for k, v in overrides.items()])
+        dims = ParallelDims.from_config(cfg.parallel, world)
+        m = cfg.model
+        dims.check_model(cfg.moe.num_experts, m.num_heads, m.hidden_size, m.num_layers + m.num_stp_blocks,
+                         cfg.parallel.pp_schedule, cfg.parallel.pp_microbatches)
+        step = predict_step(cfg, dims, profile)
+        assert step.step_time_s > 0 and (world == 1) == (step.exposed_comm_s == 0)
+        worlds.add(world)
+    assert worlds == {1, 2, 4}

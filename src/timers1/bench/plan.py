@@ -10,7 +10,9 @@ this machine's 2 cores are shared with other work whose load changes by the minu
 peak again inside each layout's ranks, all computing at once, after each of its measured steps
 (``measure_peak_tflops``, as ``timers1 bench train`` measures it; the slowest rank's): the
 prediction for that layout runs at the median of these (ranks sharing cores see it already
-divided), and the memcpy bandwidth scaled by the same factor. One JSON line
+divided), and the memcpy bandwidth scaled by the same factor; likewise the profile's
+``sync_s``, the mean wait a barrier after a short equal computation adds on these ranks (a loaded
+shared machine deschedules ranks at random, and every collective waits for the slowest). One JSON line
 per layout (``layout``, ``predicted_s``, ``measured_s``, ``ratio`` = measured / predicted),
 then a summary line: every ratio within 1.5x either way, and the measured ranking against the
 predicted one.
@@ -89,11 +91,31 @@ def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue)
         dist.all_reduce(rate, op=dist.ReduceOp.MIN)
         return float(rate)
 
+    chunk = torch.randn(128, 128)
+
+    def sync_now(iterations: int = 10) -> float:
+        """Mean extra seconds a barrier after a short equal computation costs over the computation alone."""
+        if world == 1:
+            return 0.0
+        alone, synced = [], []
+        for _ in range(iterations):
+            for times, barrier in ((alone, False), (synced, True)):
+                t0 = time.perf_counter()
+                for _ in range(16):
+                    chunk @ chunk
+                if barrier:
+                    dist.barrier()
+                times.append(time.perf_counter() - t0)
+            dist.barrier()
+        wait = torch.tensor([statistics.mean(synced) - statistics.mean(alone)], dtype=torch.float64)
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+        return max(0.0, float(wait))
+
     _init(rank, world, port)
     try:
         rig = TrainingRig(_config(args, overrides), torch.device("cpu"), world_size=world)
         values, mask = rig.windows()
-        samples, peaks = [], []
+        samples, peaks, syncs = [], [], []
         for i in range(args.warmup + args.steps):
             dist.barrier()
             t0 = time.perf_counter()
@@ -103,8 +125,9 @@ def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue)
             if i >= args.warmup:
                 samples.append(float(elapsed))
                 peaks.append(peak_now())  # after every measured step: the machine's speed drifts with its load
+                syncs.append(sync_now())
         if rank == 0:
-            queue.put((samples, peaks))
+            queue.put((samples, peaks, syncs))
     finally:
         dist.destroy_process_group()
 
@@ -184,10 +207,10 @@ def run(args: argparse.Namespace) -> int:
         world, overrides = LAYOUTS[name]
         cfg = _config(args, overrides)
         dims = ParallelDims.from_config(cfg.parallel, world)
-        samples, peaks = _spawn(_timed_steps, world, args, overrides)
+        samples, peaks, syncs = _spawn(_timed_steps, world, args, overrides)
         peak = statistics.median(peaks)
         now = replace(profile, peak_tflops=peak, memory_gb_s=profile.memory_gb_s * peak / profile.peak_tflops,
-                      compute_slots_per_node=0)
+                      compute_slots_per_node=0, sync_s=statistics.median(syncs))
         predicted = predict_step(cfg, dims, now)
         measured = statistics.median(samples)
         record = {"bench": "plan", "layout": name, "ranks": world, "dims": dims.layout,
@@ -197,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
                   "predicted_exposed_comm_s": round(predicted.exposed_comm_s, 4),
                   "predicted_bubble_s": round(predicted.bubble_s, 4),
                   "measured_min_s": round(min(samples), 4), "measured_max_s": round(max(samples), 4),
-                  "peak_tflops_per_rank": [round(x, 4) for x in peaks]}
+                  "peak_tflops_per_rank": [round(x, 4) for x in peaks], "sync_ms": round(now.sync_s * 1e3, 2)}
         results.append(record)
         print(json.dumps(record), flush=True)
     by_pred = [r["layout"] for r in sorted(results, key=lambda r: r["predicted_s"])]

@@ -43,7 +43,8 @@ does not (gloo copies on the cores that compute). TP and EP collectives sit on t
 path of every block (no async TP, our dispatcher is synchronous): always exposed. PP
 transfers are exposed. Gradient reductions of replicated weights (norms, router: a few KiB) and
 the count exchange of the dispatcher (alpha only, included in the all-to-all's alphas) are
-left out of the bytes.
+left out of the bytes. Every collective call also costs the profile's ``sync_s``: the expected
+wait for the slowest rank (0 on dedicated GPUs; on a shared CPU ranks are descheduled at random).
 
 Link classes: a group of n ranks whose rank stride is s spans ``min(n, gpus_per_node // s)``
 ranks per node (dense ranks are ordered (pp, dp_replicate, dp_shard, tp); expert ranks
@@ -96,6 +97,9 @@ class ClusterProfile:
     inter: Link
     compute_slots_per_node: int = 0
     """Cores the ranks of a node share (CPU profile); 0: every rank has its own device."""
+    sync_s: float = 0.0
+    """Expected wait at each collective for the slowest rank beyond the wire time: 0 on dedicated
+    devices; on a shared, loaded CPU ranks are descheduled at random (bench plan measures it)."""
     sources: dict = field(default_factory=dict, compare=False)
     """Where each calibrated figure came from (field -> text); absent fields are the profile's."""
 
@@ -118,7 +122,7 @@ _REQUIRED = {"description": str, "gpus_per_node": int, "gpu_mem_gib": float, "pe
              "memory_gb_s": float, "precision": str, "backend": str, "gemm_efficiency": float,
              "grouped_gemm_ratio": float, "other_fraction": float, "alltoall_efficiency": float,
              "comm_overlaps_compute": bool, "intra": dict, "inter": dict}
-_OPTIONAL = {"compute_slots_per_node": int}
+_OPTIONAL = {"compute_slots_per_node": int, "sync_s": float}
 
 
 def _field(name: str, key: str, value, kind):
@@ -130,7 +134,7 @@ def _field(name: str, key: str, value, kind):
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             raise InputError(f"{where}: expected {'an integer' if kind is int else 'a number'}")
-        if value < 0 or (value == 0 and key != "compute_slots_per_node" and key != "other_fraction"):
+        if value < 0 or (value == 0 and key not in ("compute_slots_per_node", "other_fraction", "sync_s")):
             raise InputError(f"{where}: must be positive")
         return kind(value)
     if not isinstance(value, kind):
@@ -242,7 +246,7 @@ class Collective:
         else:
             fn = {"all_gather": all_gather_s, "reduce_scatter": reduce_scatter_s, "all_reduce": all_reduce_s}[self.op]
             one = fn(ring_link(profile, self.group, self.stride), self.group, self.nbytes)
-        return one * self.count
+        return (one + profile.sync_s) * self.count
 
 
 # ------------------------------------------------------------------------------------ work
