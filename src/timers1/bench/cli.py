@@ -25,6 +25,7 @@ BENCH_MODULES = [
     "timers1.bench.optimizer",
     "timers1.bench.gpu",
     "timers1.bench.peak",
+    "timers1.bench.plan",
 ]
 
 

@@ -25,10 +25,12 @@ class TrainingRig:
 
     The same step the trainer runs (engine forward + backward, gradient clipping, the part
     optimizers and their LR schedule) without the trainer's data loader, checkpoints or logs,
-    so benchmarks measure the step alone.
+    so benchmarks measure the step alone. With ``world_size`` > 1 (an initialised process group)
+    this rank steps on its data shard (``batch_size / dp`` windows; the tp and pp ranks of a dp
+    group draw the same ones).
     """
 
-    def __init__(self, cfg, device, seed: int = 0):
+    def __init__(self, cfg, device, seed: int = 0, world_size: int = 1):
         import torch
 
         from timers1.model import build_model
@@ -37,17 +39,18 @@ class TrainingRig:
 
         self.cfg, self.device = cfg, device
         self.model = build_model(cfg.model, cfg.moe, device=device)
-        self.engine = build_engine(self.model, cfg, world_size=1, device=device)
+        self.engine = build_engine(self.model, cfg, world_size=world_size, device=device)
         self.optimizers = PartOptimizers(self.engine.model_parts, cfg.train)
         self.window_points = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rank_windows = cfg.train.batch_size // self.engine.dp_size
+        self.generator = torch.Generator(device=device).manual_seed(seed + self.engine.dp_rank)
         self.patches_per_step = cfg.train.batch_size * cfg.data.context_points // cfg.model.patch_points
 
     def windows(self):
-        """(values_BW, mask_BW): a fresh batch of random walks, generated on the device."""
+        """(values_BW, mask_BW): a fresh batch of this rank's random walks, generated on the device."""
         import torch
 
-        values_BW = torch.randn(self.cfg.train.batch_size, self.window_points, device=self.device,
+        values_BW = torch.randn(self.rank_windows, self.window_points, device=self.device,
                                 generator=self.generator).cumsum(-1)
         return values_BW, torch.ones_like(values_BW)
 

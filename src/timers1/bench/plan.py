@@ -1,0 +1,241 @@
+"""`timers1 bench plan`: predicted vs measured step time of gloo layouts (1, 2 and 4 ranks) on this machine.
+
+For each layout the training step of a small config (``TrainingRig``: engine forward +
+backward, clipping, AdamW) runs on spawned gloo ranks, one torch thread each, and the step time
+is the median over ``--steps`` steps (after ``--warmup``) of the slowest rank. The prediction
+is ``timers1.parallel.step_time`` with the ``cpu_gloo`` profile, whose machine figures are
+measured in the same run before any layout: the fp32 matmul peak and memcpy bandwidth of one
+thread and the loopback link's alpha and beta (a 2-rank all-gather at two sizes), and, since
+this machine's 2 cores are shared with other work whose load changes by the minute, the matmul
+peak again inside each layout's ranks, all computing at once, after each of its measured steps
+(``measure_peak_tflops``, as ``timers1 bench train`` measures it; the slowest rank's): the
+prediction for that layout runs at the median of these (ranks sharing cores see it already
+divided), and the memcpy bandwidth scaled by the same factor; likewise the profile's
+``sync_s``, the mean wait a barrier after a short equal computation adds on these ranks (a loaded
+shared machine deschedules ranks at random, and every collective waits for the slowest). One JSON line
+per layout (``layout``, ``predicted_s``, ``measured_s``, ``ratio`` = measured / predicted),
+then a summary line: every ratio within 1.5x either way, and the measured ranking against the
+predicted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+# name: (world size, parallel overrides)
+LAYOUTS = {
+    "single": (1, {}),
+    "dp2": (2, dict(dp_shard=2)),
+    "dp2_ep2": (2, dict(dp_shard=2, ep=2)),
+    "tp2": (2, dict(dp_shard=1, tp=2)),
+    "pp2": (2, dict(dp_shard=1, pp=2)),
+    "dp4": (4, dict(dp_shard=4)),
+    "dp4_ep4": (4, dict(dp_shard=4, ep=4)),
+    "dp2_pp2": (4, dict(dp_shard=2, pp=2)),
+}
+TARGET = 1.5
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/small_cpu.yaml", help="the small config to run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--layouts", nargs="+", default=["single", "dp2", "dp2_ep2", "tp2", "pp2", "dp4_ep4"],
+                   choices=list(LAYOUTS))
+    p.add_argument("--steps", type=int, default=6, help="measured steps per layout (median)")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
+    p.add_argument("--peak-seconds", type=float, default=0.3, help="matmul peak sample after each measured step")
+    p.add_argument("--cluster", default="cpu_gloo", help="profile whose link/peak figures are replaced by measured ones")
+
+
+def _config(args, overrides: dict):
+    from timers1.config import load_config
+
+    return load_config(args.config, [*args.set, "model.dropout=0.0", "moe.kernel_backend=torch",
+                                     *(f"parallel.{k}={v}" for k, v in overrides.items())])
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue) -> None:
+    """One rank: build the rig, run warm-up + measured steps; rank 0 reports the median of the slowest rank."""
+    import torch
+    import torch.distributed as dist
+
+    from timers1.bench.train import TrainingRig
+    from timers1.train.metrics import measure_peak_tflops
+
+    def peak_now() -> float:
+        """Matmul TFLOP/s of the slowest rank while every rank of the layout runs one."""
+        dist.barrier()
+        rate = torch.tensor([measure_peak_tflops(torch.device("cpu"), torch.float32, seconds=args.peak_seconds)],
+                            dtype=torch.float64)
+        dist.all_reduce(rate, op=dist.ReduceOp.MIN)
+        return float(rate)
+
+    chunk = torch.randn(128, 128)
+
+    def sync_now(iterations: int = 10) -> float:
+        """Mean extra seconds a barrier after a short equal computation costs over the computation alone."""
+        if world == 1:
+            return 0.0
+        alone, synced = [], []
+        for _ in range(iterations):
+            for times, barrier in ((alone, False), (synced, True)):
+                t0 = time.perf_counter()
+                for _ in range(16):
+                    chunk @ chunk
+                if barrier:
+                    dist.barrier()
+                times.append(time.perf_counter() - t0)
+            dist.barrier()
+        wait = torch.tensor([statistics.mean(synced) - statistics.mean(alone)], dtype=torch.float64)
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+        return max(0.0, float(wait))
+
+    _init(rank, world, port)
+    try:
+        rig = TrainingRig(_config(args, overrides), torch.device("cpu"), world_size=world)
+        values, mask = rig.windows()
+        samples, peaks, syncs = [], [], []
+        for i in range(args.warmup + args.steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            rig.step(values, mask)
+            elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if i >= args.warmup:
+                samples.append(float(elapsed))
+                peaks.append(peak_now())  # after every measured step: the machine's speed drifts with its load
+                syncs.append(sync_now())
+        if rank == 0:
+            queue.put((samples, peaks, syncs))
+    finally:
+        dist.destroy_process_group()
+
+
+def _link(rank: int, world: int, port: int, args, _overrides, queue) -> None:
+    """alpha, bandwidth of the loopback link: 2-rank all-gathers of a small and a large message."""
+    import torch
+    import torch.distributed as dist
+
+    _init(rank, world, port)
+    try:
+        times = {}
+        for nbytes in (1024, 8 * 2**20):
+            x = torch.zeros(nbytes // 8)
+            out = [torch.empty_like(x) for _ in range(world)]
+            samples = []
+            for i in range(12):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_gather(out, x)
+                samples.append(time.perf_counter() - t0)
+            t = torch.tensor([statistics.median(samples[2:])], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            times[nbytes * world] = float(t)
+        if rank == 0:
+            queue.put(times)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, args, overrides: dict):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(fn, args=(world, _port(), args, overrides, queue), nprocs=world, join=True,
+                       start_method="spawn")
+    return queue.get()
+
+
+def measured_profile(args):
+    """The cluster profile with this machine's peak, memcpy and loopback link measured now."""
+    from dataclasses import replace
+
+    import torch
+
+    from timers1.bench.kernels import measure_peaks
+    from timers1.parallel.step_time import Link, all_gather_s, cluster_profile
+
+    torch.set_num_threads(1)
+    profile = cluster_profile(args.cluster)
+    tflops, gbs = measure_peaks(torch.device("cpu"), torch.float32, repeats=5, size=1024)
+    (small_b, small_t), (large_b, large_t) = sorted(_spawn(_link, 2, args, {}).items())
+    # 2-rank ring all-gather: t = alpha + bytes / (2 bandwidth); two sizes give both.
+    slope = (large_t - small_t) / (large_b - small_b)
+    bandwidth = 1 / (2 * slope)
+    alpha = max(1e-6, small_t - small_b / (2 * bandwidth))
+    link = Link(alpha, bandwidth)
+    assert abs(all_gather_s(link, 2, large_b) - large_t) < 1e-9 + 1e-6 * large_t
+    here = "measured in this run"
+    return replace(profile, peak_tflops=tflops, memory_gb_s=gbs, intra=link, inter=link,
+                   sources={"peak_tflops": f"{here} (fp32, 1 thread)", "memory_gb_s": f"{here} (memcpy)",
+                            "link": f"{here}: alpha {alpha * 1e6:.0f} us, {bandwidth / 1e9:.2f} GB/s"})
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from timers1.parallel import ParallelDims
+    from timers1.parallel.step_time import predict_step
+
+    profile = measured_profile(args)
+    print(json.dumps({"bench": "plan", "profile": profile.name, "figures": profile.figures_used(),
+                      "link": profile.sources["link"]}), flush=True)
+    results = []
+    for name in args.layouts:
+        world, overrides = LAYOUTS[name]
+        cfg = _config(args, overrides)
+        dims = ParallelDims.from_config(cfg.parallel, world)
+        samples, peaks, syncs = _spawn(_timed_steps, world, args, overrides)
+        peak = statistics.median(peaks)
+        now = replace(profile, peak_tflops=peak, memory_gb_s=profile.memory_gb_s * peak / profile.peak_tflops,
+                      compute_slots_per_node=0, sync_s=statistics.median(syncs))
+        predicted = predict_step(cfg, dims, now)
+        measured = statistics.median(samples)
+        record = {"bench": "plan", "layout": name, "ranks": world, "dims": dims.layout,
+                  "predicted_s": round(predicted.step_time_s, 4), "measured_s": round(measured, 4),
+                  "ratio": round(measured / predicted.step_time_s, 3),
+                  "predicted_compute_s": round(predicted.compute_s, 4),
+                  "predicted_exposed_comm_s": round(predicted.exposed_comm_s, 4),
+                  "predicted_bubble_s": round(predicted.bubble_s, 4),
+                  "measured_min_s": round(min(samples), 4), "measured_max_s": round(max(samples), 4),
+                  "peak_tflops_per_rank": [round(x, 4) for x in peaks], "sync_ms": round(now.sync_s * 1e3, 2)}
+        results.append(record)
+        print(json.dumps(record), flush=True)
+    by_pred = [r["layout"] for r in sorted(results, key=lambda r: r["predicted_s"])]
+    by_meas = [r["layout"] for r in sorted(results, key=lambda r: r["measured_s"])]
+    worst = max(max(r["ratio"], 1 / r["ratio"]) for r in results)
+    print(json.dumps({"bench": "plan", "summary": True, "worst_factor": round(worst, 3),
+                      "within_target": worst <= TARGET, "target": TARGET, "predicted_ranking": by_pred,
+                      "measured_ranking": by_meas, "ranking_equal": by_pred == by_meas}), flush=True)
+    return 0
+
+
+NAME = "plan"
+HELP = "predicted vs measured step time of gloo layouts on this machine (JSON lines)"
+
+if __name__ == "__main__":
+    from timers1.bench.cli import bench_main
+
+    sys.exit(bench_main(sys.modules[__name__]))
