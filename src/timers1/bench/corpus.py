@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="corpus sizes to build and measure, in GiB of float32 values")
     p.add_argument("--corpus", default=None, help="measure this compiled corpus instead of building synthetic ones")
     p.add_argument("--work-dir", default=None, help="where corpora are built (default: a temporary directory, removed)")
-    p.add_argument("--workers", type=int, default=None, help="builder processes (default: CPUs, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="builder processes (default: CPUs - 1, at most 8)")
     p.add_argument("--window-points", type=int, default=2880, help="points per window (flagship context: 2880)")
     p.add_argument("--batch-size", type=int, default=256, help="windows per loader batch")
     p.add_argument("--seconds", type=float, default=3.0, help="time spent measuring the loader at each size")

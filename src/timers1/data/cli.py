@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     build.add_argument("--seed", type=int, default=0, help="seed of the synthetic series, with --default")
     build.add_argument("--overwrite", action="store_true", help="replace a corpus already in the output directory")
     build.add_argument("--workers", type=int, default=None,
-                       help="processes reading and cleaning inputs (default: CPUs, at most 8); the corpus is the same for any number")
+                       help="processes reading and cleaning inputs (default: CPUs - 1, at most 8; 1 builds in this process); the corpus is the same for any number")
     build.add_argument("--no-compile", action="store_true",
                        help="write only the Parquet shards, not the memory-mapped training form (compile later)")
     build.set_defaults(func=_build)
