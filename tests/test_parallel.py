@@ -37,7 +37,8 @@ def run_scenario(scenario: str, nproc: int, tmp_path: Path, losses: str = "recip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line or "error" in line]
-        pytest.fail(f"{scenario} failed (rc={proc.returncode}):\n" + "\n".join(errors[-15:]))
+        pytest.fail(f"{scenario} failed (rc={proc.returncode}):\n" + "\n".join(errors[-15:])
+                    + "\n--- stderr tail ---\n" + proc.stderr[-3000:])
     return json.loads(out.read_text())
 
 

@@ -44,9 +44,10 @@ TARGET = 1.5
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/small_cpu.yaml", help="the small config to run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, repeatable")
     p.add_argument("--layouts", nargs="+", default=["single", "dp2", "dp2_ep2", "tp2", "pp2", "dp4_ep4"],
-                   choices=list(LAYOUTS))
+                   choices=list(LAYOUTS), help="gloo layouts to predict and measure")
     p.add_argument("--steps", type=int, default=6, help="measured steps per layout (median)")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
     p.add_argument("--peak-seconds", type=float, default=0.3, help="matmul peak sample after each measured step")
