@@ -4,7 +4,6 @@ on its worker count (from local paths and pyarrow.fs URIs alike)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -13,13 +12,13 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from timers1.data.builder import HashSet64, build_corpus, build_default_corpus, parse_build_config
 from timers1.data.compiled import BIN_FILE, IDX_FILE, compile_corpus, open_compiled
 from timers1.data.corpus import MANIFEST_NAME, CorpusError, SeriesRecord, read_corpus, validate_corpus, write_corpus
 from timers1.data.ingest import series_hash
 from timers1.data.loader import CorpusLoader
+from tests.test_data_loader import _same, _take
 
 W = 96
 AUGMENT = dict(flip_probability=0.3, resample_probability=0.3, truncate_probability=0.3, truncate_min_points=8,
@@ -35,16 +34,6 @@ def corpus_dir(tmp_path_factory):
     write_corpus(records, out, target_shard_bytes=20_000)  # several shards = several megatron documents
     compile_corpus(out)
     return out
-
-
-def _take(loader, n):
-    return [{k: v.clone() for k, v in b.items()} for b in itertools.islice(iter(loader), n)]
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x["values"], y["values"]) and torch.equal(x["mask"], y["mask"])
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2)])

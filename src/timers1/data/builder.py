@@ -511,8 +511,8 @@ def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: 
             "sources": [st.as_dict() for st in stats],
             "seed": cfg.seed,
             "seconds": round(time.perf_counter() - started, 2),
+            "workers": workers,
         }
-        summary["workers"] = workers
         summary["points_per_s"] = round(summary["points_kept"] / max(summary["seconds"], 1e-9))
         manifest = writer.close(summary)
     summary["shards"] = len(manifest["shards"])

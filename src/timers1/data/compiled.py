@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from timers1.data import storage
-from timers1.data.corpus import (CorpusError, check_file, corpus_fingerprint, file_sha256, read_checked_shard,
+from timers1.data.corpus import (MANIFEST_NAME, CorpusError, check_file, corpus_fingerprint, file_sha256, read_checked_shard,
                                  read_manifest, write_manifest)
 
 PREFIX = "series"
@@ -125,12 +125,12 @@ def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
             row, points = end, points + int(lengths.sum())
             bar.update(int(lengths.sum()))
         if row != num_rows:
-            raise CorpusError(f"{storage.join(corpus_dir, 'manifest.json')}: lists {num_rows} rows, shards hold {row}")
+            raise CorpusError(f"{storage.join(corpus_dir, MANIFEST_NAME)}: lists {num_rows} rows, shards hold {row}")
         builder.finalize(str(tmp[IDX_FILE]))
         domain_codes.flush()
         source_codes.flush()
         del domain_codes, source_codes
-        if manifest.pop("compiled", None) is not None and (out / "manifest.json").exists():
+        if manifest.pop("compiled", None) is not None and (out / MANIFEST_NAME).exists():
             # Recompiling in place: readers see "no training form" until the new one is whole.
             write_manifest(out, manifest)
         files = {}
@@ -165,7 +165,7 @@ def check_compiled(corpus_dir: str | Path, manifest: dict, deep: bool = False) -
     """The manifest's ``compiled`` entry, after checking that every compiled file has the
     manifest's size (and sha256 and values equal to the shards' when ``deep``) and that the
     compiled form was made from the shards this manifest lists."""
-    manifest_path = storage.join(corpus_dir, "manifest.json")
+    manifest_path = storage.join(corpus_dir, MANIFEST_NAME)
     compiled = manifest.get("compiled")
     if not isinstance(compiled, dict):
         raise CorpusError(f"{corpus_dir}: has no memory-mapped training form; "

@@ -284,23 +284,28 @@ def _check_schema(path: Path, schema: pa.Schema, columns: list[str]) -> None:
             raise CorpusError(f"{path}: column {name!r} has type {got}, expected {want}")
 
 
-def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Read one shard (path or URI), checking that it is Parquet with the corpus columns and types."""
-    columns = list(columns or COLUMNS)
-    if storage.file_size(path) is None:
-        raise CorpusError(f"{path}: shard file does not exist")
+def _read_parquet(path: str | Path, columns: list[str], read):
+    """``read(parquet_file)`` on the shard at ``path`` (path or URI) after checking its schema has
+    ``columns``; any read failure becomes a CorpusError naming the file."""
     fs, inner = storage.resolve(path)
     try:
         with fs.open_input_file(inner) as source:
             parquet = pq.ParquetFile(source)
             _check_schema(Path(str(path)), parquet.schema_arrow, columns)
-            table = parquet.read(columns=columns)
+            return read(parquet)
     except (CorpusError, MemoryError):  # out of memory is not a corrupt shard
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorpusError(f"{path}: not a readable Parquet shard (corrupt, truncated or another format): "
                           f"{str(exc).splitlines()[0]}") from None
-    return table
+
+
+def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read one shard (path or URI), checking that it is Parquet with the corpus columns and types."""
+    columns = list(columns or COLUMNS)
+    if storage.file_size(path) is None:
+        raise CorpusError(f"{path}: shard file does not exist")
+    return _read_parquet(path, columns, lambda parquet: parquet.read(columns=columns))
 
 
 def read_checked_shard(corpus_dir: str | Path, entry: dict, columns: list[str],
@@ -309,7 +314,7 @@ def read_checked_shard(corpus_dir: str | Path, entry: dict, columns: list[str],
     and values checked against the manifest (and its sha256 when ``verify_hash``)."""
     path = storage.join(corpus_dir, entry["file"])
     if verify_hash:
-        _verify_shard_hash(path, entry)
+        check_file(path, entry, verify_hash=True)
     table = read_shard(path, list(dict.fromkeys(["item_id", "values", *columns])))
     column = table.column("values")
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
@@ -416,10 +421,6 @@ def check_file(path: str | Path, entry: dict, verify_hash: bool = False) -> None
         raise CorpusError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
 
 
-def _verify_shard_hash(path: str, entry: dict) -> None:
-    check_file(path, entry, verify_hash=True)
-
-
 def validate_corpus(corpus_dir: str | Path, deep: bool = False) -> dict:
     """Check a corpus; returns {rows, points, shards, compiled} or raises CorpusError naming the file.
 
@@ -449,7 +450,7 @@ def validate_corpus(corpus_dir: str | Path, deep: bool = False) -> dict:
             shard_rows, shard_points = len(lengths), int(lengths.sum())
         else:
             check_file(path, entry)
-            shard_rows = _footer_rows(path)
+            shard_rows = _read_parquet(path, COLUMNS, lambda parquet: parquet.metadata.num_rows)
             if "rows" in entry and entry["rows"] != shard_rows:
                 raise CorpusError(f"{path}: has {shard_rows} rows, manifest says {entry['rows']}")
             shard_points = int(entry.get("points", 0))
@@ -461,20 +462,6 @@ def validate_corpus(corpus_dir: str | Path, deep: bool = False) -> dict:
                           f"({rows} rows, {points} points)")
     compiled = check_compiled(corpus_dir, manifest, deep=deep) if "compiled" in manifest else False
     return {"rows": rows, "points": points, "shards": len(manifest["shards"]), "compiled": bool(compiled)}
-
-
-def _footer_rows(path: str) -> int:
-    fs, inner = storage.resolve(path)
-    try:
-        with fs.open_input_file(inner) as source:
-            parquet = pq.ParquetFile(source)
-            _check_schema(Path(str(path)), parquet.schema_arrow, COLUMNS)
-            return parquet.metadata.num_rows
-    except CorpusError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CorpusError(f"{path}: not a readable Parquet shard (corrupt, truncated or another format): "
-                          f"{str(exc).splitlines()[0]}") from None
 
 
 def length_histogram(lengths: np.ndarray) -> list[tuple[str, int]]:
