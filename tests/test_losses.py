@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from timers1.kernels import Routing
-from timers1.losses import (WQL_DENOMINATOR_FLOOR, LossConfig, LossParts, LossShare, router_losses, stage_loss,
-                            stp_weights, target_patches, weighted_quantile_loss)
+from timers1.losses import (SERIES_SCALE_FLOOR_FRACTION, WQL_DENOMINATOR_FLOOR, LossConfig, LossParts, LossShare, router_losses, stage_loss,
+                            masked_mean, series_loss_scale, stp_weights, target_patches, weighted_quantile_loss)
 from timers1.model import TimerS1Output, instance_normalize
 from timers1.model.moe import RouterRecord
 
@@ -208,3 +208,48 @@ def test_series_scale_denominator_is_the_pinball_loss_in_normalised_units():
     assert series_scale.item() == pytest.approx(10.0 / (2 * 10.0))  # n * scale = 20
     with pytest.raises(ValueError, match="denominator"):
         weighted_quantile_loss(pred, target, mask, quantiles, scale, denominator="nope")
+
+
+def test_series_loss_scale_floors_a_flat_context_by_the_future_distance():
+    # Context [4, 4, 4, 4] (std 0, scale 1e-5), future [4, 14] (RMS distance from the mean sqrt(50)):
+    # the scale is the floor, fraction * sqrt(50). A moving context keeps its own std.
+    values = torch.tensor([[4.0, 4.0, 4.0, 4.0, 4.0, 14.0], [0.0, 2.0, 0.0, 2.0, 1.0, 1.0]])
+    mask = torch.ones_like(values)
+    _, mean, scale = instance_normalize(values[:, :4], mask[:, :4])
+    loss_scale = series_loss_scale(values, mask, mean, scale, context_points=4)
+    assert loss_scale[0].item() == pytest.approx(SERIES_SCALE_FLOOR_FRACTION * math.sqrt(50.0), rel=1e-6)
+    assert loss_scale[1].item() == pytest.approx(scale[1].item())
+    # An unobserved future adds no floor.
+    mask[0, 4:] = 0
+    assert series_loss_scale(values, mask, mean, scale, 4)[0].item() == pytest.approx(scale[0].item())
+
+
+def test_no_window_dominates_a_batch_under_series_scale():
+    # 15 windows of white noise and one whose context is flat and whose future jumps (an
+    # intermittent series switching on). Every prediction is the context mean (what an untrained
+    # model gives): without the floor that one window's loss is > 1e3 x the others' median; with
+    # it, a few times.
+    gen = torch.Generator().manual_seed(0)
+    p, context, num_h = 4, 32, 2
+    values = torch.randn(16, context + (num_h + 1) * p, generator=gen)
+    values[0, :context] = 3.0
+    values[0, context:] = 3.0 + 2.0 * torch.rand(values.shape[1] - context, generator=gen)
+    mask = torch.ones_like(values)
+    quantiles = tuple(0.1 * i for i in range(1, 10))
+    cfg = LossConfig(quantiles, p, context, num_h - 1, num_blocks=2, wql_denominator="series_scale")
+    pred = [torch.zeros(1, context // p, 9, p) for _ in range(num_h)]
+    out = TimerS1Output(None, None, list(range(num_h)), pred)
+    per_window = torch.stack([LossParts.from_report(stage_loss(out, values[b:b + 1], mask[b:b + 1], cfg)[1], cfg).total
+                              for b in range(16)])
+    others = per_window[1:].median().item()
+    assert torch.isfinite(per_window).all()
+    assert per_window[0].item() < 10 * others
+    # The same window scored by the context scale alone (the old denominator) is what dominated.
+    _, mean, scale = instance_normalize(values[:1, :context], mask[:1, :context])
+    target, tmask = target_patches(values[:1], mask[:1], p, context // p, num_h)
+    unfloored, valid = weighted_quantile_loss(torch.stack(pred, 1) * scale.view(-1, 1, 1, 1, 1) + mean.view(-1, 1, 1, 1, 1),
+                                              target, tmask, torch.tensor(quantiles), scale.view(-1), "series_scale")
+    assert masked_mean(unfloored[:, 0], valid[:, 0]).item() > 1e3 * others
+    # Ordinary windows keep their context scale: the floor changes nothing for them.
+    _, mean, scale = instance_normalize(values[1:, :context], mask[1:, :context])
+    assert torch.equal(series_loss_scale(values[1:], mask[1:], mean, scale, context), scale.view(-1))
