@@ -35,8 +35,25 @@ def build_optimizer(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.O
         except ImportError as exc:  # optional extra
             raise RuntimeError("train.optimizer='deepspeed_cpu_adam' needs the 'offload' extra: pip install --no-build-isolation -e '.[offload]' (and g++)") from exc
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), adamw_mode=True)
-    # foreach is the fast path on CPU and CUDA alike; fused is CUDA-only for DTensors in places.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **adamw_implementation(groups))
+
+
+def adamw_implementation(groups: list[dict]) -> dict[str, bool]:
+    """``fused`` where PyTorch has the kernel for these parameters, else ``foreach``.
+
+    On CPU, foreach is a Python-level loop of per-tensor ops that reads and writes every
+    parameter and state tensor ~10 times; the fused kernel makes one pass and took a tenth of
+    the time for the small model's 5.4M parameters (~30% of its step). Fused handles DTensors
+    (FSDP2, TP) on CUDA, not on CPU, where those keep foreach.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in groups for p in group["params"]]
+    distributed = any(isinstance(p, DTensor) for p in params)
+    if params and all(p.device.type in ("cpu", "cuda") for p in params) and not (
+            distributed and any(p.device.type == "cpu" for p in params)):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
