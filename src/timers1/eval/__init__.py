@@ -1,4 +1,5 @@
-"""GIFT-Eval protocol harness: datasets and windows, metrics, baselines, runner, forecast CLI.
+"""GIFT-Eval protocol harness: datasets and windows, metrics, baselines, runner, sanity suite,
+forecast CLI.
 
 Scores anything with ``predict(context: list[np.ndarray], horizon: int) -> [batch, 9, horizon]``
 (quantiles 0.1..0.9), never the trainer. Names below load on first use, so that building the
@@ -18,6 +19,7 @@ _EXPORTS = {
     "EvalReport": "runner", "compare_with_leaderboard": "runner", "evaluate": "runner",
     "make_baseline": "baselines", "baseline_factory": "baselines", "ForecastCache": "baselines",
     "forecast_file": "forecasting", "forecast_series": "forecasting", "plot_forecasts": "forecasting",
+    "SanityReport": "sanity", "evaluate_sanity": "sanity", "plot_sanity": "sanity",
 }
 __all__ = sorted(_EXPORTS)
 

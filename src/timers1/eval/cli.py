@@ -1,4 +1,5 @@
-"""`timers1 eval` (GIFT-Eval protocol) and `timers1 forecast` (quantile forecasts of a file).
+"""`timers1 eval` (GIFT-Eval protocol, or the sanity suite) and `timers1 forecast` (quantile
+forecasts of a file).
 
 Both score or run a forecaster: a checkpoint through ``timers1.forecast.load_forecaster`` or,
 for eval, a named baseline.
@@ -50,20 +51,65 @@ def _resolve_specs(data: str, configs: list[str] | None):
     return specs
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from timers1.eval.baselines import ForecastCache, baseline_factory
-    from timers1.eval.runner import compare_with_leaderboard, evaluate, format_comparison
-
+def _check_eval_options(args: argparse.Namespace) -> None:
+    """--data and --sanity each take their own options; name the one that does not belong."""
     if bool(args.checkpoint) == bool(args.baseline):
         raise InputError("give exactly one of --checkpoint DIR or --baseline NAME")
+    if bool(args.data) == bool(args.sanity):
+        raise InputError("give exactly one of --data PATH (GIFT-Eval protocol) or --sanity (the sanity suite)")
+    if args.sanity:
+        given = [flag for flag, value in (("--configs", args.configs), ("--compare", args.compare)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)}: only with --data, not with --sanity")
+        if args.output and Path(args.output).suffix.lower() != ".json":
+            raise InputError(f"--output {args.output}: the sanity suite writes .json")
+    else:
+        if not args.output:
+            raise InputError("--output FILE (.json or .csv) is required with --data")
+        if args.plot:
+            raise InputError(f"--plot {args.plot}: only with --sanity (timers1 forecast --plot draws forecasts)")
+
+
+def _eval_source(args: argparse.Namespace):
+    """(forecaster or baseline factory, model name for the report)."""
+    from timers1.eval.baselines import baseline_factory
+
+    if args.baseline:
+        return baseline_factory(args.baseline, n_jobs=args.jobs), args.baseline
+    # runs/x/model, not "model": the run it came from
+    return _load_checkpoint_forecaster(args.checkpoint), str(args.checkpoint)
+
+
+def run_sanity(args: argparse.Namespace, source, name: str) -> int:
+    from timers1.eval.sanity import evaluate_sanity, plot_sanity
+
+    report = evaluate_sanity(source, model_name=args.name or name, batch_size=args.batch_size,
+                             max_context_points=args.context_points or None)
+    if args.checkpoint:
+        report.settings["checkpoint"] = str(args.checkpoint)
+    print(report.format_table())
+    written = []
+    if args.output:
+        report.save(args.output)
+        written.append(args.output)
+    if args.plot:
+        plot_sanity(report, args.plot)
+        written.append(args.plot)
+    if written:
+        print(f"\nwrote {' and '.join(written)}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from timers1.eval.baselines import ForecastCache
+    from timers1.eval.runner import compare_with_leaderboard, evaluate, format_comparison
+
+    _check_eval_options(args)
+    if args.sanity:
+        return run_sanity(args, *_eval_source(args))
     specs = _resolve_specs(args.data, args.configs)
     cache = None if args.no_cache else ForecastCache(args.cache_dir)
-    if args.baseline:
-        source = baseline_factory(args.baseline, n_jobs=args.jobs)
-        name = args.baseline
-    else:
-        source = _load_checkpoint_forecaster(args.checkpoint)
-        name = str(args.checkpoint)  # runs/x/model, not "model": the run it came from
+    source, name = _eval_source(args)
     report = evaluate(source, specs, model_name=args.name or name, batch_size=args.batch_size,
                       max_context_points=args.context_points or None, cache=cache,
                       log=lambda line: print(line, file=sys.stderr), progress=True)
@@ -117,20 +163,28 @@ _non_negative_int = _int_at_least(0)
 def register(sub) -> None:
     from timers1.eval.baselines import BASELINE_NAMES
 
-    p = sub.add_parser("eval", help="score a checkpoint or a baseline with the GIFT-Eval protocol",
+    p = sub.add_parser("eval", help="score a checkpoint or a baseline with the GIFT-Eval protocol or the sanity suite",
                        description="Score a checkpoint or a baseline with the GIFT-Eval protocol "
                                    "(per-configuration MASE and CRPS, geometric means relative to "
-                                   "seasonal naive).",
+                                   "seasonal naive), or on the sanity suite (--sanity: obvious "
+                                   "patterns, each passed when the median beats seasonal naive "
+                                   "against the noise-free truth and the 10-90%% band holds the "
+                                   "truth on most of the horizon).",
                        epilog="examples:\n"
                               "  timers1 eval --checkpoint runs/small_cpu --data ../shared/data/gift8 --output gift8.json\n"
-                              "  timers1 eval --baseline auto_ets --data configs/eval_extra.yaml --output extra.csv")
+                              "  timers1 eval --baseline auto_ets --data configs/eval_extra.yaml --output extra.csv\n"
+                              "  timers1 eval --checkpoint runs/small_cpu/model --sanity --output s.json --plot s.png")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint, loaded by timers1.forecast.load_forecaster")
     src.add_argument("--baseline", choices=BASELINE_NAMES, help="score a baseline instead of a checkpoint")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data",
                    help="GIFT-8 folder (e.g. ../shared/data/gift8) or a dataset YAML (configs/eval_extra.yaml)")
+    p.add_argument("--sanity", action="store_true",
+                   help="score the built-in sanity suite (trend, level shift, growth, ...) instead of --data")
     p.add_argument("--configs", nargs="+", metavar="NAME", help="only these configurations (e.g. m4_hourly/H/short)")
-    p.add_argument("--output", required=True, help="results file: .json or .csv")
+    p.add_argument("--output", help="results file: .json or .csv (required with --data; optional .json with --sanity)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="with --sanity: a grid of history, truth, median and 10-90%% band per pattern and seed")
     p.add_argument("--compare", metavar="CSV", help="leaderboard_per_config.csv: rank among published models")
     p.add_argument("--name", help="model name in the results (default: the checkpoint path or the baseline)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call")

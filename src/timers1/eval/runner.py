@@ -86,7 +86,7 @@ class EvalReport:
             frame.insert(0, "model", self.model)
             frame.to_csv(path, index=False)
         else:
-            path.write_text(json.dumps(_json_safe(self.to_dict()), indent=2) + "\n")
+            path.write_text(json.dumps(json_safe(self.to_dict()), indent=2) + "\n")
 
     def format_table(self) -> str:
         header = f"{'configuration':<24} {'H':>4} {'W':>3} {'m':>3} {'MASE':>9} {'CRPS':>9} {'rel MASE':>9} {'rel CRPS':>9} {'s':>7}"
@@ -106,23 +106,24 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _json_safe(obj):
+def json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
-def _resolve(source: ForecasterSource, task: EvalTask) -> Forecaster:
+def resolve_forecaster(source: ForecasterSource, seasonality: int) -> Forecaster:
+    """The forecaster itself, or the one a baseline factory makes for ``seasonality``."""
     if isinstance(source, Forecaster):
         return source
     if callable(source):
-        return source(task.seasonality)
+        return source(seasonality)
     raise TypeError(f"expected a forecaster with predict(context, horizon) or a factory, got {source!r}")
 
 
@@ -134,7 +135,7 @@ def forecast_task(source: ForecasterSource, task: EvalTask, *, batch_size: int =
     Only forecasters with a ``cache_key`` (the baselines) are cached; a trained model changes
     between runs and is always run.
     """
-    forecaster = _resolve(source, task)
+    forecaster = resolve_forecaster(source, task.seasonality)
     cache_key = getattr(forecaster, "cache_key", None)
     task_hash = f"{task.content_hash()}-ctx{max_context_points or 0}"
     if cache is not None and cache_key:

@@ -5,6 +5,10 @@ the run is scored there. Otherwise it is scored on a held-out synthetic set: ser
 corpus generators under a seed the training corpus never uses, grouped by family and
 frequency, scored with the same protocol (MASE on the median, 9-quantile CRPS, relative to
 seasonal naive). That needs no download, so the README's main job can always evaluate.
+
+Either way the run is also scored on the sanity suite (``timers1.eval.sanity``: obvious
+patterns such as a trend with a weekly season; a second or two): ``sanity.json`` and the plot
+``sanity.png`` beside ``eval.json``, and its table printed after the main one.
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ def heldout_specs(out_dir: str | Path, seed: int, series_per_family: int = 24, l
 
 
 def evaluate_run(cfg: Config, model_dir: str | Path, log=None):
-    """Score a trained model directory; writes ``<run_dir>/eval.json`` and prints the table."""
+    """Score a trained model directory; writes ``<run_dir>/eval.json`` and ``sanity.json`` (and
+    ``sanity.png``), printing both tables. Returns the main report."""
     import timers1
     from timers1.eval import evaluate, gift8_specs, load_specs_yaml
+    from timers1.eval.sanity import evaluate_sanity, plot_sanity
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     run_dir = Path(cfg.train.run_dir)
@@ -77,4 +83,10 @@ def evaluate_run(cfg: Config, model_dir: str | Path, log=None):
                       max_context_points=context, log=log, progress=True)
     report.save(run_dir / "eval.json")
     log(report.format_table())
+    sanity = evaluate_sanity(forecaster, model_name=str(model_dir), batch_size=cfg.eval.batch_size,
+                             max_context_points=context)
+    sanity.save(run_dir / "sanity.json")
+    plot_sanity(sanity, run_dir / "sanity.png")
+    log(sanity.format_table())
+    log(f"wrote {run_dir / 'eval.json'}, {run_dir / 'sanity.json'} and {run_dir / 'sanity.png'}")
     return report
