@@ -208,6 +208,18 @@ class EvalConfig:
     """Context used at evaluation; 0 means model.max_context_points."""
     batch_size: int = 64
     """Series per forward pass."""
+    val_interval_steps: int = 0
+    """Score the corpus's validation split (its held-out series, never trained on) every this
+    many steps and at the last step; 0 turns it off."""
+    val_windows: int = 256
+    """Fixed validation windows (``timers1.data.loader.validation_windows``): the last
+    context + horizon points of each held-out series first, then earlier windows of long ones."""
+    val_batch_size: int = 32
+    """Validation windows per forward pass over all data-parallel ranks (split like
+    train.batch_size; must be divisible by the data-parallel degree)."""
+    val_keep_best: bool = False
+    """Keep the weights of the best validation loss and export them to ``<run_dir>/model_best``
+    beside the final ``model`` (costs one model-only checkpoint per new best)."""
 
 
 @dataclass
@@ -482,4 +494,7 @@ def validate(cfg: Config) -> Config:
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _require(cfg.eval.context_points >= 0, "eval.context_points", cfg.eval.context_points, "must be >= 0")
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    for name in ("val_interval_steps", "val_windows"):
+        _require(getattr(cfg.eval, name) >= 0, f"eval.{name}", getattr(cfg.eval, name), "must be >= 0")
+    _require(cfg.eval.val_batch_size >= 1, "eval.val_batch_size", cfg.eval.val_batch_size, "must be >= 1")
     return cfg

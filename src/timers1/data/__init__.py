@@ -9,7 +9,8 @@ Public API (see each module's docstring for the details):
               ``ensure_default_corpus(cache_dir)`` (the no-download corpus the README trains on)
 - loader:     ``make_loader(data_cfg, corpus_dir, window_points, batch_size, rank, world_size)``
               -> ``CorpusLoader``: iterate for {'values', 'mask'} float32 [B, W];
-              ``state_dict()`` / ``load_state_dict()`` resume exactly
+              ``state_dict()`` / ``load_state_dict()`` resume exactly; it never draws a held-out
+              series; ``validation_windows(corpus, W, N)`` -> the fixed windows of those series
 - augment:    ``fourier_resample``, ``flip_sign``
 - ingest:     ``read_long``, ``read_wide``, ``series_hash``, ``EVAL_DATASET_NAMES``
 
@@ -29,7 +30,7 @@ _EXPORTS = {
     "read_corpus": "corpus", "validate_corpus": "corpus", "write_corpus": "corpus",
     "EVAL_DATASET_NAMES": "ingest", "IngestError": "ingest", "read_long": "ingest", "read_wide": "ingest",
     "series_hash": "ingest",
-    "CorpusLoader": "loader", "WindowSampler": "loader", "make_loader": "loader",
+    "CorpusLoader": "loader", "WindowSampler": "loader", "make_loader": "loader", "validation_windows": "loader",
     "PreprocessConfig": "preprocess", "clean_series": "preprocess",
 }
 __all__ = sorted(_EXPORTS)

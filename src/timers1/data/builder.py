@@ -5,6 +5,7 @@ A build config (YAML; see configs/data_default.yaml) lists sources:
     output_dir: corpora/example
     target_shard_mb: 50
     seed: 0
+    validation_fraction: 0.02                               # held out by content hash
     exclude: {names: [], hashes: [], hash_files: []}
     preprocess: {outliers: ksigma, min_length_points: 32}   # defaults for every source
     sources:
@@ -16,7 +17,13 @@ A build config (YAML; see configs/data_default.yaml) lists sources:
          preprocess: {outliers: iqr}}
 
 ``build_corpus`` returns the summary (also stored in the manifest): per source the series read,
-kept and dropped by reason, and totals. ``build_default_corpus`` is the no-download corpus the
+kept, held out and dropped by reason, totals, and ``real_sources`` (every real source by package
+and dataset, so an evaluation elsewhere can exclude them).
+
+The validation split: a series is held out (kept in the corpus, marked ``held_out``, never
+trained on; the trainer scores it) when its content hash, the one deduplication uses, falls in
+the lowest ``validation_fraction`` of the hash range. The choice depends on the values alone:
+not on the order of sources, the number of workers or the rest of the corpus. ``build_default_corpus`` is the no-download corpus the
 README trains on; ``ensure_default_corpus`` builds it once into a cache directory.
 """
 
@@ -71,7 +78,9 @@ DEFAULT_NUM_SYNTHETIC_SERIES = 10000
 DEFAULT_MIN_LENGTH_POINTS = 16
 # v4: v3's generators run on one BLAS thread (the same bits on every machine; v3's KernelSynth
 # series depended on the thread count) and the cache holds the compiled training form.
-DEFAULT_CORPUS_VERSION = "v4"
+# v5: DEFAULT_VALIDATION_FRACTION of the series held out for validation (a smaller training set).
+DEFAULT_CORPUS_VERSION = "v5"
+DEFAULT_VALIDATION_FRACTION = 0.02
 
 
 @dataclass
@@ -108,6 +117,8 @@ class BuildConfig:
     """Long-format files whose series are excluded by value hash wherever they turn up."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     sources: list[SourceSpec] = field(default_factory=list)
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+    """Share of series held out for validation, chosen by content hash (``is_held_out``)."""
 
 
 def _fill(cls, data: Any, where: str, skip: tuple[str, ...] = ()):
@@ -182,7 +193,16 @@ def parse_build_config(data: dict, where: str = "build config") -> BuildConfig:
         cfg.sources.append(spec)
     if cfg.target_shard_mb <= 0:
         raise InputError(f"{where}.target_shard_mb={cfg.target_shard_mb!r}: must be > 0")
+    if not 0 <= cfg.validation_fraction < 1:
+        raise InputError(f"{where}.validation_fraction={cfg.validation_fraction!r}: must be in [0, 1)")
     return cfg
+
+
+def is_held_out(digest: str, validation_fraction: float) -> bool:
+    """Whether the series with content hash ``digest`` (``series_hash``) is in the validation
+    split. Uses the hash's last 64 bits: deduplication keys on its first 64 (HashSet64), and
+    the split should not correlate with where a series lands in that table."""
+    return int(digest[16:32], 16) < validation_fraction * 2.0**64
 
 
 def load_build_config(path: str | Path) -> BuildConfig:
@@ -209,11 +229,27 @@ class _SourceStats:
     outliers_removed: int = 0
     imputed: int = 0
     dropped: Counter = field(default_factory=Counter)
+    held_out: int = 0
+    held_out_points: int = 0
+    real: bool = False
+    path: str = ""
 
     def as_dict(self) -> dict:
         return {"source": self.name, "series_in": self.series_in, "kept": self.kept,
-                "points": self.points, "outliers_removed": self.outliers_removed,
+                "points": self.points, "held_out": self.held_out, "held_out_points": self.held_out_points,
+                "outliers_removed": self.outliers_removed,
                 "imputed_points": self.imputed, "dropped": dict(sorted(self.dropped.items()))}
+
+    def real_source(self) -> dict:
+        """This source as ``real_sources`` lists it: builtin sources are named package.dataset
+        (statsmodels.co2, matplotlib.sample_data); a file source is the dataset its config
+        names, package "file", with its path."""
+        package, dataset = self.name.split(".", 1) if not self.path and "." in self.name else ("file", self.name)
+        out = {"package": package, "dataset": dataset, "series": self.kept, "points": self.points,
+               "held_out_series": self.held_out, "held_out_points": self.held_out_points}
+        if self.path:
+            out["path"] = self.path
+        return out
 
 
 def _family_counts(num_series: int, weights: dict[str, float]) -> dict[str, int]:
@@ -472,7 +508,8 @@ def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: 
             for item in processed:
                 st = by_source.get((id(unit.spec), item.source))
                 if st is None:
-                    st = by_source[(id(unit.spec), item.source)] = _SourceStats(item.source)
+                    st = by_source[(id(unit.spec), item.source)] = _SourceStats(
+                        item.source, real=unit.spec.type != "synthetic", path=unit.spec.path)
                     stats.append(st)
                 st.series_in += 1
                 bar.update(1)
@@ -492,10 +529,15 @@ def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: 
                     st.dropped[item.drop_reason] += 1
                     continue
                 seen_hashes.add(item.digest)
+                held_out = is_held_out(item.digest, cfg.validation_fraction)
                 writer.add(SeriesRecord(item_id=f"{item.source}/{item.item_id}", values=item.values,
-                                        domain=item.domain, source=item.source, freq=item.freq, start=item.start))
+                                        domain=item.domain, source=item.source, freq=item.freq, start=item.start,
+                                        held_out=held_out))
                 st.kept += 1
                 st.points += int(item.values.size)
+                if held_out:
+                    st.held_out += 1
+                    st.held_out_points += int(item.values.size)
         bar.close()
         dropped = Counter()
         for st in stats:
@@ -504,11 +546,15 @@ def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: 
             "series_in": sum(st.series_in for st in stats),
             "series_kept": sum(st.kept for st in stats),
             "points_kept": sum(st.points for st in stats),
+            "validation_fraction": cfg.validation_fraction,
+            "held_out_series": sum(st.held_out for st in stats),
+            "held_out_points": sum(st.held_out_points for st in stats),
             "dropped": dict(sorted(dropped.items())),
             "outliers_removed": sum(st.outliers_removed for st in stats),
             "imputed_points": sum(st.imputed for st in stats),
             "excluded_sources": skipped_sources,
             "sources": [st.as_dict() for st in stats],
+            "real_sources": [st.real_source() for st in stats if st.real and st.kept],
             "seed": cfg.seed,
             "seconds": round(time.perf_counter() - started, 2),
             "workers": workers,
@@ -524,10 +570,12 @@ def build_corpus(cfg: BuildConfig, out_dir: str | Path | None = None, progress: 
 
 def default_build_config(num_synthetic_series: int = DEFAULT_NUM_SYNTHETIC_SERIES, seed: int = 0,
                          include_real: bool = True, min_length_points: int = DEFAULT_MIN_LENGTH_POINTS,
-                         max_length_points: int = 8192) -> BuildConfig:
+                         max_length_points: int = 8192,
+                         validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> BuildConfig:
     """The default corpus as a BuildConfig (so `timers1 data build` and the API agree)."""
     data: dict[str, Any] = {
         "seed": seed,
+        "validation_fraction": validation_fraction,
         # Real series here are short and few; 4-sigma on a 64-point window removes only the
         # glitches without touching their seasonality.
         "preprocess": {"outliers": "ksigma", "k_sigma": 4.0, "min_length_points": DEFAULT_MIN_LENGTH_POINTS},
@@ -543,7 +591,8 @@ def build_default_corpus(out_dir: str | Path, num_synthetic_series: int = DEFAUL
                          seed: int = 0, include_real: bool = True,
                          target_shard_bytes: int = DEFAULT_TARGET_SHARD_BYTES,
                          progress: bool | None = None, overwrite: bool = False,
-                         workers: int | None = None) -> dict:
+                         workers: int | None = None,
+                         validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> dict:
     """Build the no-download default corpus and its training form; returns the build summary.
 
     About 16M points at the default size: real series shipped in statsmodels and matplotlib
@@ -552,7 +601,7 @@ def build_default_corpus(out_dir: str | Path, num_synthetic_series: int = DEFAUL
     daily/weekly cycles, calendar seasonality, trends, intermittent demand, random walks, ARMA,
     canonical mixes, KernelSynth). About 15 s on two cores.
     """
-    cfg = default_build_config(num_synthetic_series, seed, include_real)
+    cfg = default_build_config(num_synthetic_series, seed, include_real, validation_fraction=validation_fraction)
     cfg.target_shard_mb = target_shard_bytes / 2**20
     return build_corpus(cfg, out_dir, progress=progress, overwrite=overwrite, workers=workers)
 
@@ -586,6 +635,9 @@ def format_summary(summary: dict) -> str:
              f"{summary['seconds']} s ({summary.get('points_per_s', 0):,} points/s with "
              f"{summary.get('workers', 1)} worker(s))"
              + (f"; training form compiled in {summary['compile_seconds']} s" if "compile_seconds" in summary else ""),
+             f"  held out for validation: {summary.get('held_out_series', 0)} series, "
+             f"{summary.get('held_out_points', 0):,} points (validation_fraction "
+             f"{summary.get('validation_fraction', 0)})",
              f"  read {summary['series_in']} series; dropped: "
              + (", ".join(f"{k}={v}" for k, v in summary["dropped"].items()) or "none"),
              f"  outlier points removed: {summary['outliers_removed']}, points imputed: {summary['imputed_points']}"]
@@ -594,5 +646,6 @@ def format_summary(summary: dict) -> str:
     for st in summary["sources"]:
         drops = ", ".join(f"{k}={v}" for k, v in st["dropped"].items())
         lines.append(f"  {st['source']:<32} in={st['series_in']:<6} kept={st['kept']:<6} "
-                     f"points={st['points']:<10,}" + (f" dropped: {drops}" if drops else ""))
+                     f"held_out={st.get('held_out', 0):<5} points={st['points']:<10,}"
+                     + (f" dropped: {drops}" if drops else ""))
     return "\n".join(lines)

@@ -9,11 +9,13 @@ shards (or into another local directory), one shard at a time, so it never holds
     series.bin           every series' float32 values back to back (megatron-core .bin)
     series.idx           megatron-core index: per-series lengths (int32) and byte offsets
                          (int64); its "documents" are the Parquet shards
-    series_domain.npy    int32 domain code per series     } memory-mapped with numpy
-    series_source.npy    int32 source code per series     }
+    series_domain.npy    int32 domain code per series                  }
+    series_source.npy    int32 source code per series                  } memory-mapped
+    series_split.npy     bool per series: held out for validation      } with numpy
+                         (the builder's hash split; never trained on)
 
 and records them in the manifest under ``compiled``: sizes, sha256s, the domain and source
-names the codes index, and the fingerprint of the shards it was compiled from. Why megatron-core's
+names the codes index, the held-out series and points, and the fingerprint of the shards it was compiled from. Why megatron-core's
 format rather than Arrow IPC: it is what Megatron users already have on their clusters (a corpus
 tokenised for Megatron's GPT datasets is the same two files), its reader is a plain np.memmap
 (page cache shared by every rank and DataLoader worker of a node, nothing private per series
@@ -39,13 +41,14 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from timers1.data import storage
-from timers1.data.corpus import (MANIFEST_NAME, CorpusError, check_file, corpus_fingerprint, file_sha256, read_checked_shard,
-                                 read_manifest, write_manifest)
+from timers1.data.corpus import (HELD_OUT_COLUMN, MANIFEST_NAME, CorpusError, check_file, corpus_fingerprint, file_sha256,
+                                 held_out_of, read_checked_shard, read_manifest, write_manifest)
 
 PREFIX = "series"
 BIN_FILE, IDX_FILE = f"{PREFIX}.bin", f"{PREFIX}.idx"
 DOMAIN_FILE, SOURCE_FILE = f"{PREFIX}_domain.npy", f"{PREFIX}_source.npy"
-COMPILED_FILES = (BIN_FILE, IDX_FILE, DOMAIN_FILE, SOURCE_FILE)
+SPLIT_FILE = f"{PREFIX}_split.npy"
+COMPILED_FILES = (BIN_FILE, IDX_FILE, DOMAIN_FILE, SOURCE_FILE, SPLIT_FILE)
 COMPILED_FORMAT = "megatron-core IndexedDataset, float32"
 
 
@@ -104,6 +107,8 @@ def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
     builder = indexed.IndexedDatasetBuilder(str(tmp[BIN_FILE]), dtype=np.float32)
     domain_codes = np.lib.format.open_memmap(tmp[DOMAIN_FILE], mode="w+", dtype=np.int32, shape=(num_rows,))
     source_codes = np.lib.format.open_memmap(tmp[SOURCE_FILE], mode="w+", dtype=np.int32, shape=(num_rows,))
+    held_out = np.lib.format.open_memmap(tmp[SPLIT_FILE], mode="w+", dtype=np.bool_, shape=(num_rows,))
+    held_out_points = 0
     domains, sources = _Codes(), _Codes()
     bin_digest = hashlib.sha256()
     row = points = 0
@@ -113,7 +118,7 @@ def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
                desc="compile", disable=not progress)
     try:
         for entry in manifest["shards"]:
-            table, flat, lengths = read_checked_shard(corpus_dir, entry, ["domain", "source"])
+            table, flat, lengths = read_checked_shard(corpus_dir, entry, ["domain", "source", HELD_OUT_COLUMN])
             end = row + len(lengths)
             if end > num_rows:
                 raise CorpusError(f"{storage.join(corpus_dir, entry['file'])}: more rows than the manifest lists")
@@ -122,14 +127,17 @@ def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
             bin_digest.update(np.ascontiguousarray(flat, dtype=np.float32).data)
             domain_codes[row:end] = domains.encode(table.column("domain"))
             source_codes[row:end] = sources.encode(table.column("source"))
+            held_out[row:end] = shard_held_out = held_out_of(table)
+            held_out_points += int(lengths[shard_held_out].sum())
             row, points = end, points + int(lengths.sum())
             bar.update(int(lengths.sum()))
         if row != num_rows:
             raise CorpusError(f"{storage.join(corpus_dir, MANIFEST_NAME)}: lists {num_rows} rows, shards hold {row}")
         builder.finalize(str(tmp[IDX_FILE]))
-        domain_codes.flush()
-        source_codes.flush()
-        del domain_codes, source_codes
+        for codes in (domain_codes, source_codes, held_out):
+            codes.flush()
+        held_out_series = int(np.count_nonzero(held_out))
+        del domain_codes, source_codes, held_out, codes
         if manifest.pop("compiled", None) is not None and (out / MANIFEST_NAME).exists():
             # Recompiling in place: readers see "no training form" until the new one is whole.
             write_manifest(out, manifest)
@@ -151,6 +159,8 @@ def compile_corpus(corpus_dir: str | Path, out_dir: str | Path | None = None,
         "source_fingerprint": corpus_fingerprint(manifest),
         "domain_names": domains.names,
         "source_names": sources.names,
+        "held_out_series": held_out_series,
+        "held_out_points": held_out_points,
         "files": files,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -184,13 +194,17 @@ def check_compiled(corpus_dir: str | Path, manifest: dict, deep: bool = False) -
         parquet_dir = compiled.get("parquet_dir", corpus_dir)
         row = 0
         for entry in manifest["shards"]:
-            _, flat, lengths = read_checked_shard(parquet_dir, entry, [])
             # A shard's series lie back to back in the .bin: one read from its first series.
+            table, flat, lengths = read_checked_shard(parquet_dir, entry, [HELD_OUT_COLUMN])
             stored = mapped.window(row, 0, flat.size) if len(lengths) else flat[:0]
             if not np.array_equal(mapped.lengths[row:row + len(lengths)], lengths) or \
                     not np.array_equal(stored, flat):
                 raise CorpusError(f"{storage.join(corpus_dir, BIN_FILE)}: values of shard {entry['file']} "
                                   f"(series {row}-{row + len(lengths) - 1}) differ from the Parquet shard")
+            if not np.array_equal(mapped.held_out[row:row + len(lengths)], held_out_of(table)):
+                raise CorpusError(f"{storage.join(corpus_dir, SPLIT_FILE)}: the validation split of shard "
+                                  f"{entry['file']} (series {row}-{row + len(lengths) - 1}) differs from its "
+                                  f"{HELD_OUT_COLUMN!r} column")
             row += len(lengths)
     return compiled
 
@@ -199,7 +213,7 @@ class MappedCorpus:
     """A compiled corpus, memory-mapped: what the window sampler reads during training.
 
     Same interface as the in-memory ``Corpus`` for the sampler (num_series, lengths, codes and
-    names, ``window``, fingerprint); private memory is the two int32 code views plus whatever
+    names, ``held_out``, ``window``, fingerprint); private memory is the code views plus whatever
     index entries a process touches, whatever the corpus size.
     """
 
@@ -219,12 +233,14 @@ class MappedCorpus:
             self._dataset = indexed.IndexedDataset(prefix, mmap=True)
             self.domain_codes = np.load(self.directory / DOMAIN_FILE, mmap_mode="r")
             self.source_codes = np.load(self.directory / SOURCE_FILE, mmap_mode="r")
+            self.held_out = np.load(self.directory / SPLIT_FILE, mmap_mode="r")
         except (AssertionError, ValueError, OSError) as exc:
             raise CorpusError(f"{prefix}.idx/.bin: cannot be memory-mapped ({exc}); "
                               f"run `timers1 data compile` again") from None
         n = len(self._dataset)
-        if n != compiled.get("num_series") or len(self.domain_codes) != n or len(self.source_codes) != n:
-            raise CorpusError(f"{prefix}.idx: holds {n} series, codes {len(self.domain_codes)}/{len(self.source_codes)}, "
+        if n != compiled.get("num_series") or {len(self.domain_codes), len(self.source_codes), len(self.held_out)} != {n}:
+            raise CorpusError(f"{prefix}.idx: holds {n} series, domain/source/split arrays "
+                              f"{len(self.domain_codes)}/{len(self.source_codes)}/{len(self.held_out)}, "
                               f"manifest says {compiled.get('num_series')}")
 
     def __getstate__(self):

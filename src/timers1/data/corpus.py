@@ -9,7 +9,10 @@ A corpus is a directory::
 
 Columns: ``item_id`` (string), ``values`` (list<float32>, finite, no nulls), ``start``
 (timestamp[s], nullable: synthetic and index-only series have none), ``freq`` (string, '' when
-unknown), ``domain`` and ``source`` (strings; the mixture weights of the sampler key on them).
+unknown), ``domain`` and ``source`` (strings; the mixture weights of the sampler key on them),
+``held_out`` (bool: the series belongs to the validation split and is never trained on; the
+builder chooses it by content hash; shards written before the column existed read as all
+False).
 
 Shards are closed once the file reaches ``target_shard_bytes`` (50 MB by default, as
 TimeBench stores them), checked after every row group, so a shard overshoots the target by at
@@ -50,8 +53,12 @@ SCHEMA = pa.schema([
     pa.field("freq", pa.string(), nullable=False),
     pa.field("domain", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
+    pa.field("held_out", pa.bool_(), nullable=False),
 ])
-COLUMNS = [f.name for f in SCHEMA]
+HELD_OUT_COLUMN = "held_out"
+# Columns a shard may lack (it predates them); readers then use their default.
+OPTIONAL_COLUMNS = (HELD_OUT_COLUMN,)
+COLUMNS = [f.name for f in SCHEMA if f.name not in OPTIONAL_COLUMNS]
 
 
 class CorpusError(InputError):
@@ -69,6 +76,8 @@ class SeriesRecord:
     source: str
     freq: str = ""
     start: np.datetime64 | None = None
+    held_out: bool = False
+    """In the validation split: never trained on."""
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
@@ -155,6 +164,7 @@ class CorpusWriter:
             pa.array([r.freq or "" for r in batch], type=pa.string()),
             pa.array([r.domain for r in batch], type=pa.string()),
             pa.array([r.source for r in batch], type=pa.string()),
+            pa.array([bool(r.held_out) for r in batch], type=pa.bool_()),
         ], schema=SCHEMA)
         if self._writer is None:
             path = self.out_dir / f"shard-{len(self._shards):05d}.parquet"
@@ -268,6 +278,8 @@ def corpus_fingerprint(manifest: dict) -> str:
 
 def _check_schema(path: Path, schema: pa.Schema, columns: list[str]) -> None:
     for name in columns:
+        if name in OPTIONAL_COLUMNS and name not in schema.names:
+            continue
         if name not in schema.names:
             raise CorpusError(f"{path}: missing column {name!r} (has {', '.join(schema.names)})")
         want = SCHEMA.field(name).type
@@ -280,6 +292,9 @@ def _check_schema(path: Path, schema: pa.Schema, columns: list[str]) -> None:
         elif name == "start":
             if not (pa.types.is_timestamp(got) or pa.types.is_null(got)):
                 raise CorpusError(f"{path}: column 'start' has type {got}, expected {want}")
+        elif name == HELD_OUT_COLUMN:
+            if not pa.types.is_boolean(got):
+                raise CorpusError(f"{path}: column {name!r} has type {got}, expected {want}")
         elif not (pa.types.is_string(got) or pa.types.is_large_string(got) or pa.types.is_dictionary(got)):
             raise CorpusError(f"{path}: column {name!r} has type {got}, expected {want}")
 
@@ -305,7 +320,15 @@ def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     columns = list(columns or COLUMNS)
     if storage.file_size(path) is None:
         raise CorpusError(f"{path}: shard file does not exist")
-    return _read_parquet(path, columns, lambda parquet: parquet.read(columns=columns))
+    return _read_parquet(path, columns, lambda parquet: parquet.read(
+        columns=[c for c in columns if c not in OPTIONAL_COLUMNS or c in parquet.schema_arrow.names]))
+
+
+def held_out_of(table: pa.Table) -> np.ndarray:
+    """The shard's ``held_out`` column as bool [rows] (all False for a shard without it)."""
+    if HELD_OUT_COLUMN not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    return table.column(HELD_OUT_COLUMN).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def read_checked_shard(corpus_dir: str | Path, entry: dict, columns: list[str],
@@ -353,6 +376,12 @@ class Corpus:
     freqs: list[str]
     manifest: dict = field(default_factory=dict)
     directory: Path | None = None
+    held_out: np.ndarray | None = None
+    """bool [num_series]: the validation split (never trained on); None: nothing held out."""
+
+    def __post_init__(self) -> None:
+        if self.held_out is None:
+            self.held_out = np.zeros(self.num_series, dtype=bool)
 
     @property
     def num_series(self) -> int:
@@ -388,9 +417,11 @@ def read_corpus(corpus_dir: str | Path, verify_hashes: bool = False) -> Corpus:
     """Load a whole corpus into memory (tests, inspection, small corpora; training maps the
     compiled form instead, see compiled.py). ``verify_hashes`` also checks every shard's sha256."""
     manifest = read_manifest(corpus_dir)
-    flats, lengths_all, item_ids, domains, sources, freqs = [], [], [], [], [], []
+    flats, lengths_all, item_ids, domains, sources, freqs, held_out = [], [], [], [], [], [], []
     for entry in manifest["shards"]:
-        table, flat, lengths = read_checked_shard(corpus_dir, entry, ["freq", "domain", "source"], verify_hashes)
+        table, flat, lengths = read_checked_shard(corpus_dir, entry, ["freq", "domain", "source", HELD_OUT_COLUMN],
+                                                  verify_hashes)
+        held_out.append(held_out_of(table))
         flats.append(flat)
         lengths_all.append(lengths)
         item_ids.extend(table.column("item_id").to_pylist())
@@ -407,7 +438,8 @@ def read_corpus(corpus_dir: str | Path, verify_hashes: bool = False) -> Corpus:
         [c for col in sources for c in col.chunks], type=pa.string())) if sources else (np.zeros(0, np.int32), [])
     return Corpus(values=values, offsets=offsets, item_ids=item_ids, domain_codes=domain_codes,
                   domain_names=domain_names, source_codes=source_codes, source_names=source_names,
-                  freqs=freqs, manifest=manifest, directory=Path(corpus_dir) if not storage.is_uri(corpus_dir) else None)
+                  freqs=freqs, manifest=manifest,
+                  held_out=np.concatenate(held_out) if held_out else np.zeros(0, bool), directory=Path(corpus_dir) if not storage.is_uri(corpus_dir) else None)
 
 
 def check_file(path: str | Path, entry: dict, verify_hash: bool = False) -> None:

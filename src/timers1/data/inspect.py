@@ -11,7 +11,8 @@ from timers1.errors import InputError
 
 
 def corpus_stats(corpus: Corpus) -> dict:
-    """Counts, length percentiles and histogram, and the mix by domain and by source."""
+    """Counts, length percentiles and histogram, the mix by domain and by source, the validation
+    split and the real sources by package and dataset (from the build summary)."""
     lengths = corpus.lengths
     total = int(lengths.sum())
 
@@ -31,6 +32,9 @@ def corpus_stats(corpus: Corpus) -> dict:
         "length_histogram": dict(length_histogram(lengths)),
         "domains": mix(corpus.domain_codes, corpus.domain_names),
         "sources": mix(corpus.source_codes, corpus.source_names),
+        "held_out_series": int(np.count_nonzero(corpus.held_out)),
+        "held_out_points": int(lengths[corpus.held_out].sum()) if len(lengths) else 0,
+        "real_sources": list(corpus.manifest.get("summary", {}).get("real_sources", [])),
     }
 
 
@@ -94,6 +98,12 @@ def format_stats(stats: dict) -> str:
     lines.append("sources (by points):")
     for row in stats["sources"]:
         lines.append(f"  {row['name']:<32} series={row['series']:<8} points={row['points']:<12,} {100 * row['point_share']:.1f}%")
+    lines.append(f"held out for validation (never trained on): {stats['held_out_series']} series, "
+                 f"{stats['held_out_points']:,} points")
+    lines.append("real sources (package / dataset):" if stats["real_sources"] else "real sources: none")
+    for row in stats["real_sources"]:
+        lines.append(f"  {row['package']:<12} {row['dataset']:<24} series={row['series']:<8} points={row['points']:<12,}"
+                     + (f" {row['path']}" if row.get("path") else ""))
     return "\n".join(lines)
 
 

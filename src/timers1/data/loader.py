@@ -7,10 +7,12 @@ The stream is a pure function of a global *slot* index. An epoch is the list of 
     slots_per_epoch = sum_i k_i,   k_i = round(weight_i * ceil(len_i / W))
 
 so every series contributes windows in proportion to its length (at least one, so short series
-are seen), scaled by the mixture weight of its domain and source. Epoch e visits its slots in
-the order of a keyed Feistel permutation (seed, e): a bijection computed per slot in O(1)
-memory, so even a trillion-point corpus needs no shuffled index array. Slot -> series by a
-binary search over the cumulative k_i; the window's start, the flip and the resampling factor
+are seen), scaled by the mixture weight of its domain and source. Series of the validation
+split (``corpus.held_out``) get weight 0: no slot, on any rank or worker, maps to them (the
+trainer scores them through ``validation_windows``). Epoch e visits its slots in the order of a
+keyed Feistel permutation (seed, e): a bijection computed per slot in O(1) memory, so even a
+trillion-point corpus needs no shuffled index array. Slot -> series by a binary search over the
+cumulative k_i; the window's start, the flip and the resampling factor
 are pure functions of (seed, slot), so a window does not depend on the batch or rank that draws it.
 
 Rank r of R takes global batch blocks r, r + R, r + 2R, ...: its batch b holds slots
@@ -172,7 +174,9 @@ class WindowSampler:
                 raise InputError(f"mixture_weights.{name}={weight!r}: must be a finite number >= 0")
         domain_w = np.array([mixture_weights.get(n, 1.0) for n in corpus.domain_names], dtype=np.float64)
         source_w = np.array([mixture_weights.get(n, 1.0) for n in corpus.source_names], dtype=np.float64)
-        return domain_w[corpus.domain_codes] * source_w[corpus.source_codes]
+        # Held-out series weigh 0 here, not by leaving them out of the arrays: corpus rows stay
+        # slot targets' indices, and every other series keeps its stochastic-rounding draw.
+        return domain_w[corpus.domain_codes] * source_w[corpus.source_codes] * ~np.asarray(corpus.held_out, dtype=bool)
 
     # ------------------------------------------------------------------------------------
     def slot_series(self, slots: np.ndarray) -> np.ndarray:
@@ -251,6 +255,35 @@ class WindowSampler:
             flip_sign(values, flipped)
         factor = np.where(resampled, source_points / W, 1.0).astype(np.float32)
         return WindowBatch(values, mask, series, start, factor, flipped)
+
+
+def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed validation set: (values [N, W] float32, mask [N, W] float32) from the held-out
+    series only, N <= ``max_windows``, the same for every call on the same corpus.
+
+    Window k of a series ends k windows before its end (k = 0: its last ``window_points``
+    points, the part a forecaster is asked about); a series shorter than W is one window, left-
+    padded as in training. Windows are taken k by k over the held-out series in corpus order
+    (every series' last window first), so a small ``max_windows`` still spans many series and
+    long series add windows only once every series has one. No augmentation.
+    """
+    W = int(window_points)
+    rows = np.flatnonzero(np.asarray(corpus.held_out, dtype=bool))
+    lengths = corpus.lengths[rows].astype(np.int64)
+    windows_in_series = np.maximum(1, lengths // W)
+    picked: list[tuple[int, int]] = []  # (corpus row, windows before the series' end)
+    k = 0
+    while len(picked) < max_windows and k < windows_in_series.max(initial=0):
+        picked.extend((int(row), k) for row in rows[windows_in_series > k][: max_windows - len(picked)])
+        k += 1
+    values = np.zeros((len(picked), W), dtype=np.float32)
+    mask = np.zeros((len(picked), W), dtype=np.float32)
+    for i, (row, k) in enumerate(picked):
+        n = int(corpus.lengths[row])
+        taken = min(n, W)
+        values[i, W - taken:] = corpus.window(row, n - taken - k * W, taken)
+        mask[i, W - taken:] = 1.0
+    return values, mask
 
 
 class WindowDataset(IterableDataset):

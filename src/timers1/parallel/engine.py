@@ -2,6 +2,7 @@
 
     engine = build_engine(model, cfg, world_size, device)   # split (PP) -> TP -> EP -> AC -> FSDP
     result = engine.forward_backward(values_BW, mask_BW, grad_scale=1 / grad_accum)  # StepResult
+    result = engine.forward_only(values_BW, mask_BW)   # the same losses, eval mode, no gradients
     grad_norm = engine.clip_grad_norm(max_norm)
     engine.model_parts                                       # for the optimizer and DCP
 
@@ -176,6 +177,16 @@ class Engine:
         pp rank of a dp group gets the same batch); the first ``data.context_points`` points are
         the input, the rest the targets. Gradients are reduced (FSDP) when this returns.
         """
+        return self._run(values_BW, mask_BW, grad_scale, backward=True)
+
+    def forward_only(self, values_BW: torch.Tensor, mask_BW: torch.Tensor) -> StepResult:
+        """The loss parts of this rank's batch in eval mode (no dropout), without gradients: the
+        training objective on held-out windows. Collective like ``forward_backward``: every rank
+        of the layout calls it the same number of times."""
+        with torch.no_grad():
+            return self._run(values_BW, mask_BW, 1.0, backward=False)
+
+    def _run(self, values_BW: torch.Tensor, mask_BW: torch.Tensor, grad_scale: float, backward: bool) -> StepResult:
         context = self.loss_cfg.context_points
         if values_BW.shape[1] <= context:
             raise ValueError(f"window of {values_BW.shape[1]} points holds no target after "
@@ -190,14 +201,18 @@ class Engine:
         self.report.zero_()
         self.tokens_per_expert_LE.zero_()
         for part in self.model_parts:
-            part.train()
+            part.train(backward)
         with self._autocast:
             if self._pp_group is None:
-                self.model_parts[0](values_BW, mask_BW).sum().backward()
+                objective = self.model_parts[0](values_BW, mask_BW).sum()
+                if backward:
+                    objective.backward()
             else:
                 schedule = self._schedule_for(values_BW.shape[0] // num_mb, values_BW.shape[1])
-                schedule.step(values_BW, mask_BW, target=torch.zeros(values_BW.shape[0], device=self.device))
-                self._tie_head_grads()
+                run = schedule.step if backward else schedule.eval
+                run(values_BW, mask_BW, target=torch.zeros(values_BW.shape[0], device=self.device))
+                if backward:
+                    self._tie_head_grads()
         if self.dims.world_size > 1:
             dist.all_reduce(self.report)
         parts = LossParts.from_report(self.report, self.loss_cfg)

@@ -11,6 +11,14 @@ Order of a step (each rank):
   4. before the next step: a pending SIGUSR1/SIGTERM or STOP file turns into "save now, exit
      with REQUEUE_EXIT_CODE", and a failed asynchronous save is raised.
 
+Validation (``eval.val_interval_steps`` > 0): every that many steps and at the last one, the
+fixed windows of the corpus's held-out series (``timers1.data.loader.validation_windows``;
+never trained on) are scored with the training objective in eval mode without gradients
+(``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join that step's metrics line,
+with the best validation loss so far and its step, which ``<run_dir>/val_best.json`` also
+holds (with ``eval.val_keep_best``, that step's weights are kept for ``<run_dir>/model_best``).
+The RNG state is restored afterwards, so validating changes no training batch or draw.
+
 A checkpoint is never written from weights that produced a skipped step: the interval save
 is held back (written, not committed) until the next step is applied, dropped if it is
 skipped, and postponed while the current weights are the ones that produced a skipped step.
@@ -25,14 +33,18 @@ resharded by DCP and the loader restarts at the same global sample position.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,6 +66,11 @@ from timers1.train.optim import PartOptimizers
 # clears REQUEUE, and a STOP older than its signal handlers, at start.
 STOP_FILE = "STOP"
 REQUEUE_FILE = "REQUEUE"
+# The best validation loss so far ({"step", "val_loss", ...}) and, with eval.val_keep_best, the
+# checkpoint of its weights; checkpoints, not GIFT or any evaluation set, are chosen on these.
+VAL_BEST_FILE = "val_best.json"
+BEST_CHECKPOINT_DIR = "checkpoints_best"
+BEST_MODEL_DIR = "model_best"
 
 CORPUS_HINT = "check data.corpus_dir (rebuild it with `timers1 data build`), or leave it empty for the built-in corpus"
 NO_CHECKPOINT_LOADS_HINT = ("move the listed checkpoints out of the way to start from step 0, or copy a good "
@@ -145,6 +162,7 @@ class Trainer:
         except InputError as exc:
             exc.hint = exc.hint or CORPUS_HINT
             raise
+        self._build_validation()
         self.checkpoints = CheckpointManager(rundir.checkpoints_dir(self.run_dir), cfg.checkpoint.keep_last,
                                              cfg.checkpoint.async_save)
         self.guard = StepGuard(t.max_nonfinite_steps_in_row, t.spike_factor, t.spike_window, t.max_spike_steps_in_row)
@@ -171,6 +189,99 @@ class Trainer:
         return make_loader(self.cfg.data, corpus, self.window_points, self.micro_batch,
                            self.engine.dp_rank, self.engine.dp_size,
                            truncate_min_points=self.window_points - self.context_points + self.patch)
+
+    def _build_validation(self) -> None:
+        """The fixed validation windows, padded cyclically to whole global batches of
+        ``eval.val_batch_size`` (so every rank runs the same number of forwards); none when
+        validation is off or the corpus holds out nothing."""
+        e = self.cfg.eval
+        self.val_values_NW = self.val_mask_NW = None
+        self.val_best: dict[str, Any] | None = None
+        self.best_checkpoints: CheckpointManager | None = None
+        if e.val_interval_steps <= 0 or e.val_windows <= 0:
+            return
+        from timers1.data import validation_windows
+
+        dp = self.engine.dp_size
+        microbatches = self.cfg.parallel.pp_microbatches if self.cfg.parallel.pp > 1 else 1
+        if e.val_batch_size % (dp * microbatches):
+            raise ConfigError(f"eval.val_batch_size={e.val_batch_size}: must be divisible by data-parallel degree "
+                              f"{dp} x pipeline microbatches {microbatches}")
+        corpus = self.loader.sampler.corpus
+        values_NW, mask_NW = validation_windows(corpus, self.window_points, e.val_windows)
+        if len(values_NW) == 0:
+            if self.rank == 0:
+                print(f"warning: {corpus.directory} holds out no series for validation (built before the split, "
+                      f"or with validation_fraction 0); eval.val_interval_steps={e.val_interval_steps} has "
+                      f"nothing to score; rebuild the corpus to validate", file=sys.stderr, flush=True)
+            return
+        num_batches = -(-len(values_NW) // e.val_batch_size)
+        self.val_windows_distinct = len(values_NW)
+        # np.resize repeats the windows from the first: the same padding at every evaluation.
+        self.val_values_NW = np.resize(values_NW, (num_batches * e.val_batch_size, self.window_points))
+        self.val_mask_NW = np.resize(mask_NW, self.val_values_NW.shape)
+        if e.val_keep_best:
+            self.best_checkpoints = CheckpointManager(self.run_dir / BEST_CHECKPOINT_DIR, keep_last=1,
+                                                      async_save=False)
+
+    def validate(self) -> dict[str, float]:
+        """The training loss parts on the validation windows, prefixed ``val_`` (the mean over
+        global batches; every rank gets the same numbers). Every rank scores a disjoint share of
+        each batch; the engine reduces the report as in training."""
+        started = time.perf_counter()
+        training_rng = rng_state()  # eval mode draws nothing today; this keeps it so
+        global_batch = self.cfg.eval.val_batch_size
+        share = global_batch // self.engine.dp_size
+        totals: dict[str, float] = {}
+        num_batches = len(self.val_values_NW) // global_batch
+        for b in range(num_batches):
+            first = b * global_batch + self.engine.dp_rank * share
+            rows = slice(first, first + share)
+            result = self.engine.forward_only(torch.from_numpy(self.val_values_NW[rows]),
+                                              torch.from_numpy(self.val_mask_NW[rows]))
+            for key, value in result.loss_floats.items():
+                totals[key] = totals.get(key, 0.0) + value / num_batches
+        set_rng_state(training_rng)
+        out = {f"val_{key}": value for key, value in totals.items()}
+        out["val_windows"] = self.val_windows_distinct
+        out["val_seconds"] = time.perf_counter() - started
+        return out
+
+    def _record_validation(self, record: dict[str, Any]) -> None:
+        """Validate, keep the best (file, checkpoint) and add the numbers to this step's record."""
+        scores = self.validate()
+        val_loss = scores["val_loss"]
+        if math.isfinite(val_loss) and (self.val_best is None or val_loss < self.val_best["val_loss"]):
+            self.val_best = {"step": self.step, **{k: v for k, v in scores.items() if k.startswith("val_loss")}}
+            if self.best_checkpoints is not None:
+                self.best_checkpoints.save(self.step, {"model": self.optim.model_state_dict()}, blocking=True)
+                if self.rank == 0:  # one best: earlier ones, and later ones of a run redone from a checkpoint, go
+                    for step, path in rundir.step_dirs(self.best_checkpoints.directory):
+                        if step != self.step:
+                            shutil.rmtree(path, ignore_errors=True)
+            if self.rank == 0:
+                path = self.run_dir / VAL_BEST_FILE
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps(self.val_best, indent=1) + "\n")
+                os.replace(tmp, path)
+        record.update(scores)
+        if self.val_best is not None:
+            record["val_best_loss"], record["val_best_step"] = self.val_best["val_loss"], self.val_best["step"]
+        if self.rank == 0:
+            print(f"step {self.step}: val_loss {val_loss:.5f} (ntp {scores['val_loss_ntp']:.5f}) on "
+                  f"{scores['val_windows']} held-out windows in {scores['val_seconds']:.1f} s; best "
+                  f"{record.get('val_best_loss', float('nan')):.5f} at step {record.get('val_best_step')}",
+                  file=sys.stderr, flush=True)
+
+    def _load_val_best(self) -> None:
+        """The best validation of the steps kept (a run redoing steps past its checkpoint finds
+        their scores again)."""
+        try:
+            best = json.loads((self.run_dir / VAL_BEST_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(best, dict) and isinstance(best.get("step"), int) and best["step"] <= self.step:
+            self.val_best = best
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         if not hasattr(self, "_batches"):
@@ -371,6 +482,8 @@ class Trainer:
         stopped = finished = False
         try:
             self.resume()
+            if self.val_values_NW is not None:
+                self._load_val_best()
             if self.rank == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(self.cfg, rundir.config_file(self.run_dir))
@@ -418,7 +531,11 @@ class Trainer:
                         "peak_source": self.peak.source,
                         **memory_stats(self.device),
                     })
-                    if self.step % t.log_interval_steps == 0 or self.step == stop_at or not applied:
+                    val_every = self.cfg.eval.val_interval_steps
+                    validating = self.val_values_NW is not None and (self.step % val_every == 0 or self.step == stop_at)
+                    if validating:
+                        self._record_validation(record)
+                    if self.step % t.log_interval_steps == 0 or self.step == stop_at or not applied or validating:
                         logger.log(record)
                         if bar is not None:
                             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -456,8 +573,9 @@ class Trainer:
                 self.signals.__exit__(None, None, None)
         return TrainResult(self.step, exit_code, stopped, self.run_dir, losses[-1] if losses else None, losses)
 
-    def export_model(self, out_dir: str | Path) -> Path:
-        """Write the newest checkpoint's weights as a model directory (config.yaml + model.safetensors).
+    def export_model(self, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+        """Write the newest checkpoint's weights (or ``checkpoint``'s) as a model directory
+        (config.yaml + model.safetensors).
 
         Rank 0 reads the sharded checkpoint whole, so every layout (pipeline stages included)
         exports the same full model.
@@ -467,8 +585,18 @@ class Trainer:
 
         self.checkpoints.wait()
         if self.rank == 0:
-            cfg, model = load_model(self.checkpoints.latest())
+            cfg, model = load_model(checkpoint or self.checkpoints.latest())
             write_model_dir(out_dir, self.cfg, {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
         if _is_dist():
             dist.barrier()
         return Path(out_dir)
+
+    def export_best_model(self) -> Path | None:
+        """``<run_dir>/model_best`` from the checkpoint of the best validation loss (with
+        ``eval.val_keep_best``); None when there is none."""
+        if self.best_checkpoints is None or self.val_best is None:
+            return None
+        checkpoint = self.best_checkpoints.directory / rundir.step_dir_name(self.val_best["step"])
+        if not checkpoint.is_dir():
+            return None
+        return self.export_model(self.run_dir / BEST_MODEL_DIR, checkpoint)
