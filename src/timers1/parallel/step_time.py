@@ -19,7 +19,24 @@ busiest rank sets the pace) at ``grouped_gemm_ratio`` of the dense GEMM speed; e
 at ``peak_tflops * gemm_efficiency``, and the non-matmul work (norms, softmax, routing,
 permutation) costs ``other_fraction`` of the matmul time. The optimizer streams 32 B per local
 parameter (AdamW reads p, g, m, v and writes p, m, v; the clip reads g) at ``memory_gb_s``.
-On the CPU profile, ranks beyond ``compute_slots_per_node`` cores share them.
+
+Host overhead (``HostOverhead``): seconds per step that do not depend on the batch, for a rank
+that runs the whole model: ``step_s`` (dispatching the ~2000 small ops of forward + backward +
+clip + optimizer beyond the optimizer's memory traffic), plus ``sharded_s`` once the parameters
+are FSDP DTensors (FSDP's pre/post hooks and collective calls per unit, and AdamW's foreach
+per-tensor loop where PyTorch has no fused kernel for DTensors: on CPU, see
+``train.optim.adamw_implementation``), ``ep_s`` once the experts are EP DTensors (with EP or
+TP: ``parallelize`` applies the expert style for both) and ``tp_s`` once the dense weights are
+TP DTensors (DTensor's host dispatch and sharding propagation on every op). A rank that runs a
+share of the units (PP) pays that share. Where the figures come from: on GPU profiles
+``host_overhead_ms`` in the profile (default 0: kernel launches are asynchronous and hide behind
+the GPU's work while the host runs ahead); on ``cpu_gloo`` ``timers1 bench plan`` measures them
+in its run (``calibrate_host``): one-rank steps at the full and half batch give
+``step = fixed + per_window * windows`` (the intercept, less the optimizer's traffic, is
+``step_s``; the slope sets ``other_fraction``), and the same model wrapped on one-rank meshes
+(FSDP; FSDP + EP; FSDP + TP + EP) at the half batch gives the wrappings' extra fixed costs.
+On the CPU profile, ranks beyond ``compute_slots_per_node`` cores share them: the matmuls, the
+optimizer and the host overhead all slow down by ranks / cores.
 
 Communication (``Collective``: bytes and counts per step, costed by the alpha-beta formulas
 below, with ring algorithms over a group of n ranks):
@@ -79,6 +96,30 @@ class Link:
 
 
 @dataclass(frozen=True)
+class HostOverhead:
+    """Batch-independent seconds per step of a rank running the whole model (module docstring)."""
+
+    step_s: float = 0.0
+    sharded_s: float = 0.0
+    ep_s: float = 0.0
+    tp_s: float = 0.0
+
+    def seconds(self, dims: ParallelDims, unit_share: float = 1.0) -> float:
+        """This layout's rank: the wrappings ``parallelize`` applies for ``dims``, times its share of units."""
+        total = self.step_s
+        if dims.world_size > 1:
+            total += self.sharded_s
+        if dims.ep > 1 or dims.tp > 1:
+            total += self.ep_s
+        if dims.tp > 1:
+            total += self.tp_s
+        return total * unit_share
+
+    def scaled(self, factor: float) -> "HostOverhead":
+        return HostOverhead(*(factor * getattr(self, k) for k in ("step_s", "sharded_s", "ep_s", "tp_s")))
+
+
+@dataclass(frozen=True)
 class ClusterProfile:
     name: str
     description: str
@@ -100,6 +141,8 @@ class ClusterProfile:
     sync_s: float = 0.0
     """Expected wait at each collective for the slowest rank beyond the wire time: 0 on dedicated
     devices; on a shared, loaded CPU ranks are descheduled at random (bench plan measures it)."""
+    host: HostOverhead = HostOverhead()
+    """Per-step host overhead (see the module docstring): profile ``host_overhead_ms`` or bench plan."""
     sources: dict = field(default_factory=dict, compare=False)
     """Where each calibrated figure came from (field -> text); absent fields are the profile's."""
 
@@ -115,6 +158,8 @@ class ClusterProfile:
         for name in ("peak_tflops", "memory_gb_s", "gemm_efficiency", "grouped_gemm_ratio", "other_fraction",
                      "alltoall_efficiency"):
             out[name] = f"{getattr(self, name):g} ({self.sources.get(name, 'profile ' + self.name)})"
+        host = ", ".join(f"{k} {getattr(self.host, k) * 1e3:.1f} ms" for k in ("step_s", "sharded_s", "ep_s", "tp_s"))
+        out["host_overhead"] = f"{host} ({self.sources.get('host', 'profile ' + self.name)})"
         return out
 
 
@@ -122,7 +167,8 @@ _REQUIRED = {"description": str, "gpus_per_node": int, "gpu_mem_gib": float, "pe
              "memory_gb_s": float, "precision": str, "backend": str, "gemm_efficiency": float,
              "grouped_gemm_ratio": float, "other_fraction": float, "alltoall_efficiency": float,
              "comm_overlaps_compute": bool, "intra": dict, "inter": dict}
-_OPTIONAL = {"compute_slots_per_node": int, "sync_s": float}
+_OPTIONAL = {"compute_slots_per_node": int, "sync_s": float, "host_overhead_ms": dict}
+_HOST_KEYS = ("step", "sharded", "ep", "tp")
 
 
 def _field(name: str, key: str, value, kind):
@@ -151,6 +197,14 @@ def _link(name: str, key: str, data: dict) -> Link:
     return Link(alpha * 1e-6, bw * 1e9)
 
 
+def _host(name: str, data: dict) -> HostOverhead:
+    unknown = sorted(set(data) - set(_HOST_KEYS))
+    if unknown:
+        raise InputError(f"cluster profile {name}: host_overhead_ms takes {', '.join(_HOST_KEYS)}, got {unknown}")
+    return HostOverhead(**{f"{k}_s": _field(name, f"host_overhead_ms.{k}", data[k], float) * 1e-3
+                           for k in _HOST_KEYS if k in data})
+
+
 def load_clusters(path: str | Path = CLUSTERS_YAML) -> dict[str, ClusterProfile]:
     """Every profile of a clusters YAML; errors name the profile and the field."""
     from timers1.config import read_yaml
@@ -171,8 +225,11 @@ def load_clusters(path: str | Path = CLUSTERS_YAML) -> dict[str, ClusterProfile]
                   if k in body and t is not dict}
         if values["precision"] not in ("bf16", "fp32"):
             raise InputError(f"{path}: cluster profile {name}: precision={values['precision']!r}: use bf16 or fp32")
+        if not isinstance(body.get("host_overhead_ms", {}), dict):
+            raise InputError(f"{path}: cluster profile {name}: host_overhead_ms must map {', '.join(_HOST_KEYS)} to ms")
         profiles[name] = ClusterProfile(name=name, intra=_link(name, "intra", body["intra"]),
-                                        inter=_link(name, "inter", body["inter"]), **values)
+                                        inter=_link(name, "inter", body["inter"]),
+                                        host=_host(name, body.get("host_overhead_ms", {})), **values)
     return profiles
 
 
@@ -259,6 +316,7 @@ class RankWork:
     optimizer_bytes: float
     collectives: list[Collective]
     bubble_fraction: float
+    unit_share: float = 1.0  # of the model's units (blocks, STP blocks) this rank runs: its share of the ops
 
     def comm_bytes(self, what: str) -> float:
         return sum(c.nbytes * c.count for c in self.collectives if c.what == what)
@@ -344,7 +402,8 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
         if sends_bwd:
             colls.append(Collective("pp", "send", 2, pp_stride, h_b, sends_bwd * microbatches))
     bubble = (pp - 1) / (virtual * microbatches) if pp > 1 else 0.0
-    return RankWork(dense, experts, shard_params * ADAMW_BYTES_PER_PARAM, colls, bubble)
+    return RankWork(dense, experts, shard_params * ADAMW_BYTES_PER_PARAM, colls, bubble,
+                    blocks / (m.num_layers + m.num_stp_blocks))
 
 
 # ------------------------------------------------------------------------------------ time
@@ -358,6 +417,7 @@ class StepTime:
     comm_s: dict            # seconds per kind (fsdp total, tp, ep, pp), before overlap
     tokens_per_s: float
     mfu: float
+    host_s: float = 0.0     # the batch-independent host overhead inside compute_s
 
 
 def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, groups=None,
@@ -373,7 +433,8 @@ def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, group
     for pp_rank in range(dims.pp):
         w = rank_work(cfg, dims, profile.precision, pp_rank, groups, expert_load_factor)
         matmul = (w.dense_flops + w.expert_flops / profile.grouped_gemm_ratio) / rate
-        compute = matmul * (1 + profile.other_fraction) + w.optimizer_bytes / (profile.memory_gb_s * 1e9) \
+        host = profile.host.seconds(dims, w.unit_share) * profile.slowdown(ranks_on_node)
+        compute = matmul * (1 + profile.other_fraction) + host + w.optimizer_bytes / (profile.memory_gb_s * 1e9) \
             * profile.slowdown(ranks_on_node)
         comm = {k: sum(c.seconds(profile) for c in w.collectives if c.what == k) for k in ("fsdp", "tp", "ep", "pp")}
         first_gather = next((c.seconds(profile) / c.count for c in w.collectives
@@ -384,8 +445,8 @@ def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, group
         bubble = w.bubble_fraction * critical
         step = critical + bubble + fsdp_exposed
         if best is None or step > best[0]:
-            best = (step, compute, step - compute - bubble, bubble, comm)
-    step, compute, exposed, bubble, comm = best
+            best = (step, compute, step - compute - bubble, bubble, comm, host)
+    step, compute, exposed, bubble, comm, host = best
     global_tokens = cfg.train.batch_size * patches
     model_flops = train_flops_per_patch(m, cfg.moe, patches) * global_tokens
     mfu = model_flops / step / (dims.world_size * profile.peak_tflops * 1e12)
@@ -393,7 +454,7 @@ def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, group
     if dims.pp > 1:
         layout["pp_schedule"] = cfg.parallel.pp_schedule
         layout["pp_microbatches"] = cfg.parallel.pp_microbatches
-    return StepTime(layout, step, compute, exposed, bubble, comm, global_tokens / step, mfu)
+    return StepTime(layout, step, compute, exposed, bubble, comm, global_tokens / step, mfu, host)
 
 
 # ------------------------------------------------------------------------------------ ranking
@@ -502,3 +563,51 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
         out = replace(out, alltoall_efficiency=eff, sources={
             **out.sources, "alltoall_efficiency": f"measured, median of {len(ratios)} bench dispatch lines ({dispatch[0][1]})"})
     return out
+
+
+@dataclass(frozen=True)
+class OneRankSteps:
+    """Measured seconds of one-rank training steps (``timers1 bench plan``'s calibration).
+
+    ``plain_*``: the unwrapped model at ``full_batch`` and ``half_batch`` windows; ``fsdp``,
+    ``fsdp_ep``, ``fsdp_tp``: the model wrapped on one-rank meshes (FSDP; FSDP + EP; FSDP + TP
+    + EP, as ``parallelize`` wraps it for those layouts) at ``half_batch``.
+    """
+
+    full_batch: int
+    half_batch: int
+    plain_full_s: float
+    plain_half_s: float
+    fsdp_s: float
+    fsdp_ep_s: float
+    fsdp_tp_s: float
+
+    def fit(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per window) of the straight line through the two plain steps."""
+        per_window = (self.plain_full_s - self.plain_half_s) / (self.full_batch - self.half_batch)
+        return self.plain_full_s - per_window * self.full_batch, per_window
+
+
+def calibrate_host(profile: ClusterProfile, cfg: Config, steps: OneRankSteps, where: str) -> ClusterProfile:
+    """``profile`` with ``host`` and ``other_fraction`` from one-rank steps measured at its peak.
+
+    The plain steps' intercept, less the optimizer's memory traffic that ``predict_step``
+    charges separately, is ``host.step_s``; the slope, over the matmul seconds per window this
+    profile predicts, is ``1 + other_fraction``. The wrapped steps minus the plain (or the
+    previous wrapping's) step at the same batch give ``sharded_s``, ``ep_s`` and ``tp_s``. A
+    negative difference (noise on a shared machine) counts as 0.
+    """
+    single = ParallelDims(1, 1, 1, 1, 1, 1)
+    fixed, per_window = steps.fit()
+    work = rank_work(replace(cfg, train=replace(cfg.train, batch_size=steps.full_batch)), single, profile.precision)
+    rate = profile.peak_tflops * 1e12 * profile.gemm_efficiency
+    matmul_per_window = (work.dense_flops + work.expert_flops / profile.grouped_gemm_ratio) / rate / steps.full_batch
+    optimizer = work.optimizer_bytes / (profile.memory_gb_s * 1e9)
+    host = HostOverhead(step_s=max(0.0, fixed - optimizer),
+                        sharded_s=max(0.0, steps.fsdp_s - steps.plain_half_s),
+                        ep_s=max(0.0, steps.fsdp_ep_s - steps.fsdp_s),
+                        tp_s=max(0.0, steps.fsdp_tp_s - steps.fsdp_ep_s))
+    other = max(0.0, per_window / matmul_per_window - 1)
+    return replace(profile, host=host, other_fraction=other, sources={
+        **profile.sources, "host": f"one-rank steps, {where}",
+        "other_fraction": f"slope {per_window * 1e3:.2f} ms/window of one-rank steps, {where}"})
