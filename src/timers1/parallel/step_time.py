@@ -296,6 +296,8 @@ class Collective:
     count: float
 
     def seconds(self, profile: ClusterProfile) -> float:
+        if self.group <= 1:  # a one-rank group moves nothing and waits for no one
+            return 0.0
         if self.op == "all_to_all":
             one = all_to_all_s(profile, self.group, self.stride, self.nbytes)
         elif self.op == "send":
@@ -370,11 +372,14 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
     if dims.world_size > 1:
         gathers = 2 if pp == 1 else 1
         dp_stride, efsdp_stride = tp, ep
+        # One call per FSDP unit (every block, every block's experts): the bytes per call are a
+        # unit's average, so the bytes add up to the rank's and the alphas to one per unit.
         colls += [
-            Collective("fsdp", "all_gather", dims.dp_shard, dp_stride, dense_params * gather_b, gathers),
-            Collective("fsdp", "reduce_scatter", dims.dp_shard, dp_stride, dense_params * 4.0, 1),
-            Collective("fsdp", "all_gather", dims.efsdp, efsdp_stride, expert_params * gather_b, gathers),
-            Collective("fsdp", "reduce_scatter", dims.efsdp, efsdp_stride, expert_params * 4.0, 1),
+            Collective("fsdp", "all_gather", dims.dp_shard, dp_stride, dense_params / blocks * gather_b, gathers * blocks),
+            Collective("fsdp", "reduce_scatter", dims.dp_shard, dp_stride, dense_params / blocks * 4.0, blocks),
+            Collective("fsdp", "all_gather", dims.efsdp, efsdp_stride, expert_params / blocks * gather_b,
+                       gathers * blocks),
+            Collective("fsdp", "reduce_scatter", dims.efsdp, efsdp_stride, expert_params / blocks * 4.0, blocks),
             Collective("fsdp", "all_gather", dims.dp_shard, dp_stride, root_params * gather_b, 1),
             Collective("fsdp", "reduce_scatter", dims.dp_shard, dp_stride, root_params * 4.0, 1),
         ]
