@@ -177,16 +177,19 @@ def _one_rank_steps(rank: int, world: int, port: int, args, _overrides, queue) -
             rigs[name] = (rig, *rig.windows())
         # Round robin, one step of each per round: the load of this shared machine drifts by
         # the minute, and the fit and the differences need the steps taken under the same load.
-        samples, peaks = {name: [] for name in rigs}, []
+        samples, updates, peaks = {name: [] for name in rigs}, {name: [] for name in rigs}, []
         for i in range(args.warmup + 2 * args.steps):
             for name, (rig, values, mask) in rigs.items():
                 t0 = time.perf_counter()
                 rig.step(values, mask)
                 if i >= args.warmup:
                     samples[name].append(time.perf_counter() - t0)
+                    updates[name].append(rig.update_s)
             if i >= args.warmup:
                 peaks.append(measure_peak_tflops(torch.device("cpu"), torch.float32, seconds=args.peak_seconds))
         times = {name: statistics.median(s) for name, s in samples.items()}
+        times["plain_update_s"] = statistics.median(updates["plain_full_s"] + updates["plain_half_s"])
+        times["fsdp_update_s"] = statistics.median(updates["fsdp_s"])
         queue.put((full, half, times, statistics.median(peaks)))
     finally:
         dist.destroy_process_group()
@@ -270,7 +273,10 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"bench": "plan", "profile": profile.name, "figures": profile.figures_used(),
                       "link": profile.sources["link"],
                       "one_rank_steps": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(one_rank).items()},
-                      "host_overhead_ms": {k: round(v * 1e3, 1) for k, v in asdict(profile.host).items()}}), flush=True)
+                      "calibration": {"peak_tflops": profile.peak_tflops, "memory_gb_s": profile.memory_gb_s,
+                                      "other_fraction": profile.other_fraction,
+                                      "host_overhead_ms": {k: v * 1e3 for k, v in asdict(profile.host).items()}}}),
+          flush=True)
     results = []
     for name in args.layouts:
         world, overrides = LAYOUTS[name]

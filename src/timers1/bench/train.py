@@ -59,9 +59,12 @@ class TrainingRig:
         """One optimizer step; returns the loss parts (a host sync, as the trainer's logging is)."""
         self.optimizers.zero_grad()
         result = self.engine.forward_backward(values_BW, mask_BW)
+        update_start = time.perf_counter()
         self.engine.clip_grad_norm(self.cfg.train.grad_clip_norm or float("inf"))
         self.optimizers.step()
         self.optimizers.schedule_step()
+        # Host seconds of clip + optimizer (the device's, on CPU): bench plan's per-step share.
+        self.update_s = time.perf_counter() - update_start
         return result.loss_floats
 
     def train_flops_per_step(self) -> float:

@@ -97,26 +97,33 @@ class Link:
 
 @dataclass(frozen=True)
 class HostOverhead:
-    """Batch-independent seconds per step of a rank running the whole model (module docstring)."""
+    """Batch-independent seconds of a rank running the whole model (module docstring).
+
+    ``step_s``, ``sharded_s``, ``ep_s``, ``tp_s``: per forward + backward pass (a pipeline rank
+    makes one per microbatch); ``update_s``, ``sharded_update_s``: per step (clip + optimizer).
+    """
 
     step_s: float = 0.0
     sharded_s: float = 0.0
     ep_s: float = 0.0
     tp_s: float = 0.0
+    update_s: float = 0.0
+    sharded_update_s: float = 0.0
 
-    def seconds(self, dims: ParallelDims, unit_share: float = 1.0) -> float:
-        """This layout's rank: the wrappings ``parallelize`` applies for ``dims``, times its share of units."""
-        total = self.step_s
+    def seconds(self, dims: ParallelDims, unit_share: float = 1.0, passes: int = 1) -> float:
+        """This layout's rank: the wrappings ``parallelize`` applies for ``dims``, times its share
+        of units, its passes (microbatches) for the forward + backward part."""
+        per_pass, per_step = self.step_s, self.update_s
         if dims.world_size > 1:
-            total += self.sharded_s
+            per_pass, per_step = per_pass + self.sharded_s, per_step + self.sharded_update_s
         if dims.ep > 1 or dims.tp > 1:
-            total += self.ep_s
+            per_pass += self.ep_s
         if dims.tp > 1:
-            total += self.tp_s
-        return total * unit_share
+            per_pass += self.tp_s
+        return (per_pass * passes + per_step) * unit_share
 
     def scaled(self, factor: float) -> "HostOverhead":
-        return HostOverhead(*(factor * getattr(self, k) for k in ("step_s", "sharded_s", "ep_s", "tp_s")))
+        return HostOverhead(**{k: factor * v for k, v in self.__dict__.items()})
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,7 @@ class ClusterProfile:
         for name in ("peak_tflops", "memory_gb_s", "gemm_efficiency", "grouped_gemm_ratio", "other_fraction",
                      "alltoall_efficiency"):
             out[name] = f"{getattr(self, name):g} ({self.sources.get(name, 'profile ' + self.name)})"
-        host = ", ".join(f"{k} {getattr(self.host, k) * 1e3:.1f} ms" for k in ("step_s", "sharded_s", "ep_s", "tp_s"))
+        host = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.host.__dict__.items())
         out["host_overhead"] = f"{host} ({self.sources.get('host', 'profile ' + self.name)})"
         return out
 
@@ -168,7 +175,7 @@ _REQUIRED = {"description": str, "gpus_per_node": int, "gpu_mem_gib": float, "pe
              "grouped_gemm_ratio": float, "other_fraction": float, "alltoall_efficiency": float,
              "comm_overlaps_compute": bool, "intra": dict, "inter": dict}
 _OPTIONAL = {"compute_slots_per_node": int, "sync_s": float, "host_overhead_ms": dict}
-_HOST_KEYS = ("step", "sharded", "ep", "tp")
+_HOST_KEYS = ("step", "sharded", "ep", "tp", "update", "sharded_update")
 
 
 def _field(name: str, key: str, value, kind):
@@ -319,6 +326,7 @@ class RankWork:
     collectives: list[Collective]
     bubble_fraction: float
     unit_share: float = 1.0  # of the model's units (blocks, STP blocks) this rank runs: its share of the ops
+    passes: int = 1          # forward + backward passes per step: the microbatches of a pipeline rank
 
     def comm_bytes(self, what: str) -> float:
         return sum(c.nbytes * c.count for c in self.collectives if c.what == what)
@@ -408,7 +416,7 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
             colls.append(Collective("pp", "send", 2, pp_stride, h_b, sends_bwd * microbatches))
     bubble = (pp - 1) / (virtual * microbatches) if pp > 1 else 0.0
     return RankWork(dense, experts, shard_params * ADAMW_BYTES_PER_PARAM, colls, bubble,
-                    blocks / (m.num_layers + m.num_stp_blocks))
+                    blocks / (m.num_layers + m.num_stp_blocks), microbatches)
 
 
 # ------------------------------------------------------------------------------------ time
@@ -438,7 +446,7 @@ def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, group
     for pp_rank in range(dims.pp):
         w = rank_work(cfg, dims, profile.precision, pp_rank, groups, expert_load_factor)
         matmul = (w.dense_flops + w.expert_flops / profile.grouped_gemm_ratio) / rate
-        host = profile.host.seconds(dims, w.unit_share) * profile.slowdown(ranks_on_node)
+        host = profile.host.seconds(dims, w.unit_share, w.passes) * profile.slowdown(ranks_on_node)
         compute = matmul * (1 + profile.other_fraction) + host + w.optimizer_bytes / (profile.memory_gb_s * 1e9) \
             * profile.slowdown(ranks_on_node)
         comm = {k: sum(c.seconds(profile) for c in w.collectives if c.what == k) for k in ("fsdp", "tp", "ep", "pp")}
@@ -517,7 +525,9 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
         -> other_fraction, solving 1/mfu = (1 - x + x/grouped_gemm_ratio)(1 + other_fraction)
         for the expert share x of the FLOPs of ``cfg`` (the planned config);
       * ``bench dispatch`` lines -> alltoall_efficiency = the alpha-beta prediction for that
-        shape at efficiency 1 over the measured dispatch + combine time (median over lines).
+        shape at efficiency 1 over the measured dispatch + combine time (median over lines);
+      * ``bench plan``'s first line (CPU profile only) -> peak_tflops, memory_gb_s,
+        other_fraction and the host overhead its one-rank steps measured (``calibrate_host``).
     """
     on_gpu = profile.backend == "nccl"
     values, sources = {}, dict(profile.sources)
@@ -546,6 +556,12 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
                     values["_mfu"] = (rec["ratio"], where)
             elif bench == "train" and rec.get("mfu") and (rec.get("device", "").startswith("cuda") == on_gpu):
                 values["_mfu"] = (rec["mfu"], where)
+            elif bench == "plan" and "calibration" in rec and not on_gpu:
+                cal = rec["calibration"]
+                values.update(peak_tflops=cal["peak_tflops"], memory_gb_s=cal["memory_gb_s"],
+                              other_fraction=cal["other_fraction"],
+                              host=HostOverhead(**{k: v * 1e-3 for k, v in cal["host_overhead_ms"].items()}))
+                sources.update({k: f"measured, {where}" for k in ("peak_tflops", "memory_gb_s", "other_fraction", "host")})
             elif bench == "dispatch" and (rec.get("backend") == profile.backend):
                 dispatch.append((rec, where))
     out = replace(profile, **{k: v for k, v in values.items() if not k.startswith("_")}, sources=sources)
@@ -576,7 +592,8 @@ class OneRankSteps:
 
     ``plain_*``: the unwrapped model at ``full_batch`` and ``half_batch`` windows; ``fsdp``,
     ``fsdp_ep``, ``fsdp_tp``: the model wrapped on one-rank meshes (FSDP; FSDP + EP; FSDP + TP
-    + EP, as ``parallelize`` wraps it for those layouts) at ``half_batch``.
+    + EP, as ``parallelize`` wraps it for those layouts) at ``half_batch``. ``*_update_s``: the
+    clip + optimizer part of the plain and the FSDP-wrapped steps (in the step times too).
     """
 
     full_batch: int
@@ -586,6 +603,8 @@ class OneRankSteps:
     fsdp_s: float
     fsdp_ep_s: float
     fsdp_tp_s: float
+    plain_update_s: float = 0.0
+    fsdp_update_s: float = 0.0
 
     def fit(self) -> tuple[float, float]:
         """(fixed seconds, seconds per window) of the straight line through the two plain steps."""
@@ -596,11 +615,13 @@ class OneRankSteps:
 def calibrate_host(profile: ClusterProfile, cfg: Config, steps: OneRankSteps, where: str) -> ClusterProfile:
     """``profile`` with ``host`` and ``other_fraction`` from one-rank steps measured at its peak.
 
-    The plain steps' intercept, less the optimizer's memory traffic that ``predict_step``
-    charges separately, is ``host.step_s``; the slope, over the matmul seconds per window this
-    profile predicts, is ``1 + other_fraction``. The wrapped steps minus the plain (or the
-    previous wrapping's) step at the same batch give ``sharded_s``, ``ep_s`` and ``tp_s``. A
-    negative difference (noise on a shared machine) counts as 0.
+    The plain steps' intercept less their update (clip + optimizer) is ``host.step_s``, the
+    per-pass part; the update, less the optimizer's memory traffic that ``predict_step`` charges
+    separately, is ``update_s``; the slope, over the matmul seconds per window this profile
+    predicts, is ``1 + other_fraction``. The FSDP-wrapped step minus the plain one at the same
+    batch gives ``sharded_update_s`` (update part) and ``sharded_s`` (the rest); the EP and TP
+    wrappings minus the previous one give ``ep_s`` and ``tp_s`` (all per pass). A negative
+    difference (noise on a shared machine) counts as 0.
     """
     single = ParallelDims(1, 1, 1, 1, 1, 1)
     fixed, per_window = steps.fit()
@@ -608,8 +629,11 @@ def calibrate_host(profile: ClusterProfile, cfg: Config, steps: OneRankSteps, wh
     rate = profile.peak_tflops * 1e12 * profile.gemm_efficiency
     matmul_per_window = (work.dense_flops + work.expert_flops / profile.grouped_gemm_ratio) / rate / steps.full_batch
     optimizer = work.optimizer_bytes / (profile.memory_gb_s * 1e9)
-    host = HostOverhead(step_s=max(0.0, fixed - optimizer),
-                        sharded_s=max(0.0, steps.fsdp_s - steps.plain_half_s),
+    sharded_update = steps.fsdp_update_s - steps.plain_update_s
+    host = HostOverhead(step_s=max(0.0, fixed - steps.plain_update_s),
+                        update_s=max(0.0, steps.plain_update_s - optimizer),
+                        sharded_update_s=max(0.0, sharded_update),
+                        sharded_s=max(0.0, steps.fsdp_s - steps.plain_half_s - sharded_update),
                         ep_s=max(0.0, steps.fsdp_ep_s - steps.fsdp_s),
                         tp_s=max(0.0, steps.fsdp_tp_s - steps.fsdp_ep_s))
     other = max(0.0, per_window / matmul_per_window - 1)
