@@ -260,12 +260,14 @@ def test_gpu_profiles_have_no_cpu_host_overhead():
 def test_host_overhead_from_the_profile_file(tmp_path):
     body = (CONFIGS_DIR / "clusters.yaml").read_text()
     good = tmp_path / "good.yaml"
-    good.write_text(body.replace("  comm_overlaps_compute: true\n", "  comm_overlaps_compute: true\n  host_overhead_ms: {step: 2.5}\n", 1))
+    gpu_line = "  host_overhead_ms: {step: 0.0, update: 0.0}\n"
+    assert gpu_line in body
+    good.write_text(body.replace(gpu_line, "  host_overhead_ms: {step: 2.5}\n", 1))
     h100 = load_clusters(good)["h100_sxm"]
     assert h100.host == HostOverhead(step_s=2.5e-3) and load_clusters(good)["h200_sxm"].host == HostOverhead()
     assert "step_s 2.5 ms" in h100.figures_used()["host_overhead"]
     bad = tmp_path / "bad.yaml"
-    bad.write_text(body.replace("  comm_overlaps_compute: true\n", "  comm_overlaps_compute: true\n  host_overhead_ms: {launch: 2}\n", 1))
+    bad.write_text(body.replace(gpu_line, "  host_overhead_ms: {launch: 2}\n", 1))
     from timers1.errors import InputError
     with pytest.raises(InputError, match="h100_sxm: host_overhead_ms takes step, sharded, ep, tp, update, sharded_update, got \\['launch'\\]"):
         load_clusters(bad)

@@ -187,7 +187,8 @@ def _field(name: str, key: str, value, kind):
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             raise InputError(f"{where}: expected {'an integer' if kind is int else 'a number'}")
-        if value < 0 or (value == 0 and key not in ("compute_slots_per_node", "other_fraction", "sync_s")):
+        if value < 0 or (value == 0 and key not in ("compute_slots_per_node", "other_fraction", "sync_s")
+                         and not key.startswith("host_overhead_ms.")):
             raise InputError(f"{where}: must be positive")
         return kind(value)
     if not isinstance(value, kind):
