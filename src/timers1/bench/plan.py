@@ -12,8 +12,11 @@ peak again inside each layout's ranks, all computing at once, after each of its 
 prediction for that layout runs at the median of these (ranks sharing cores see it already
 divided), and the memcpy bandwidth scaled by the same factor; likewise the profile's
 ``sync_s``, the mean wait a barrier after a short equal computation adds on these ranks (a loaded
-shared machine deschedules ranks at random, and every collective waits for the slowest). One JSON line
-per layout (``layout``, ``predicted_s``, ``measured_s``, ``ratio`` = measured / predicted),
+shared machine deschedules ranks at random, and every collective waits for the slowest). Before
+any layout, one-rank steps (``_one_rank_steps``) calibrate the batch-independent host overhead and
+the per-window slope (``step_time.calibrate_host``); the first line prints them under
+``calibration``, which ``timers1 plan --calibration`` reads. The multi-rank steps are only
+compared against, never fitted. One JSON line per layout (``layout``, ``predicted_s``, ``measured_s``, ``ratio`` = measured / predicted),
 then a summary line: every ratio within 1.5x either way, and the measured ranking against the
 predicted one.
 """

@@ -20,30 +20,33 @@ at ``peak_tflops * gemm_efficiency``, and the non-matmul work (norms, softmax, r
 permutation) costs ``other_fraction`` of the matmul time. The optimizer streams 32 B per local
 parameter (AdamW reads p, g, m, v and writes p, m, v; the clip reads g) at ``memory_gb_s``.
 
-Host overhead (``HostOverhead``): seconds per step that do not depend on the batch, for a rank
-that runs the whole model: ``step_s`` (dispatching the ~2000 small ops of forward + backward +
-clip + optimizer beyond the optimizer's memory traffic), plus ``sharded_s`` once the parameters
-are FSDP DTensors (FSDP's pre/post hooks and collective calls per unit, and AdamW's foreach
-per-tensor loop where PyTorch has no fused kernel for DTensors: on CPU, see
-``train.optim.adamw_implementation``), ``ep_s`` once the experts are EP DTensors (with EP or
-TP: ``parallelize`` applies the expert style for both) and ``tp_s`` once the dense weights are
-TP DTensors (DTensor's host dispatch and sharding propagation on every op). A rank that runs a
+Host overhead (``HostOverhead``): seconds that do not depend on the batch, for a rank that runs
+the whole model. Per forward + backward pass (a pipeline rank makes one per microbatch):
+``step_s`` (dispatching the ~2000 small ops), plus ``sharded_s`` once the parameters are FSDP
+DTensors (FSDP's pre/post hooks and collective calls per unit), ``ep_s`` once the experts are
+EP DTensors (with EP or TP: ``parallelize`` applies the expert style for both) and ``tp_s``
+once the dense weights are TP DTensors (DTensor's host dispatch and sharding propagation on
+every op). Per step: ``update_s`` (clip + optimizer beyond the optimizer's memory traffic: the
+fused AdamW kernel on plain tensors) plus ``sharded_update_s`` for DTensor parameters (on CPU
+AdamW's foreach per-tensor loop, see ``train.optim.adamw_implementation``). A rank that runs a
 share of the units (PP) pays that share. Where the figures come from: on GPU profiles
-``host_overhead_ms`` in the profile (default 0: kernel launches are asynchronous and hide behind
-the GPU's work while the host runs ahead); on ``cpu_gloo`` ``timers1 bench plan`` measures them
-in its run (``calibrate_host``): one-rank steps at the full and half batch give
-``step = fixed + per_window * windows`` (the intercept, less the optimizer's traffic, is
-``step_s``; the slope sets ``other_fraction``), and the same model wrapped on one-rank meshes
-(FSDP; FSDP + EP; FSDP + TP + EP) at the half batch gives the wrappings' extra fixed costs.
+``host_overhead_ms`` in the profile (0 there: kernel launches are asynchronous and hide behind
+the GPU's work while the host runs ahead; a measured intercept would go there); on ``cpu_gloo``
+``timers1 bench plan`` measures them in its run (``calibrate_host``, nothing else is fitted):
+one-rank steps at the full and half batch give ``step = fixed + per_window * windows`` (the
+intercept less the timed update is ``step_s``; the update less the optimizer's traffic is
+``update_s``; the slope sets ``other_fraction``), and the same model wrapped on one-rank meshes
+(FSDP; FSDP + EP; FSDP + TP + EP) at the half batch gives the wrappings' extra costs.
 On the CPU profile, ranks beyond ``compute_slots_per_node`` cores share them: the matmuls, the
 optimizer and the host overhead all slow down by ranks / cores.
 
 Communication (``Collective``: bytes and counts per step, costed by the alpha-beta formulas
 below, with ring algorithms over a group of n ranks):
   * FSDP: every unit's local (post-TP/EP) parameters are all-gathered in the compute dtype and
-    their gradients reduce-scattered in fp32, dense over dp_shard, experts over efsdp. Without
-    PP twice per step (forward, and backward: ``reshard_after_forward``), with PP once (kept
-    gathered over the microbatches; the gradient sync runs at the last one). The root
+    their gradients reduce-scattered in fp32, one call per unit (alpha and sync wait each), dense
+    over dp_shard, experts over efsdp; a one-rank group costs nothing. Without PP twice per
+    step (forward, and backward: ``reshard_after_forward``), with PP once (kept gathered over
+    the microbatches; the gradient sync runs at the last one). The root
     (embedding, norm, head) once. HSDP adds an fp32 all-reduce of the shard over dp_replicate.
   * TP/SP: per block and pass an all-gather of the sequence before attention and a
     reduce-scatter after o_proj (full local activations), mirrored in backward; one
