@@ -4,6 +4,7 @@ costs, a ranking that only depends on the layouts, and layouts that do not fit n
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -11,9 +12,9 @@ from timers1.cli import main as cli_main
 from timers1.config import load_config
 from timers1.parallel import ParallelDims
 from timers1.parallel.plan import param_groups
-from timers1.parallel.step_time import (ClusterProfile, Collective, Link, all_gather_s, all_reduce_s, all_to_all_s,
-                                        cluster_profile, load_clusters, predict_step, rank_layouts, rank_work,
-                                        reduce_scatter_s)
+from timers1.parallel.step_time import (ClusterProfile, Collective, HostOverhead, Link, OneRankSteps, all_gather_s,
+                                        all_reduce_s, all_to_all_s, calibrate_host, cluster_profile, load_clusters,
+                                        predict_step, rank_layouts, rank_work, reduce_scatter_s)
 from tests.conftest import CONFIGS_DIR
 
 
@@ -50,8 +51,9 @@ def test_tiny_flops_and_bytes_by_hand():
     g = param_groups(cfg)
     dense_params = 4 * (g.block_tp / 2 + g.block_rep) + 2 * g.stp_extra
     fsdp = [c for c in w.collectives if c.what == "fsdp"]
-    assert fsdp[0] == Collective("fsdp", "all_gather", 2, 2, dense_params * 4, 2)      # forward + backward
-    assert fsdp[2] == Collective("fsdp", "all_gather", 2, 2, 4 * g.block_expert / 2 * 4, 2)  # efsdp = 2*2/2
+    # One gather per unit (4 blocks), forward + backward; a unit's average bytes each.
+    assert fsdp[0] == Collective("fsdp", "all_gather", 2, 2, dense_params / 4 * 4, 2 * 4)
+    assert fsdp[2] == Collective("fsdp", "all_gather", 2, 2, g.block_expert / 2 * 4, 2 * 4)  # efsdp = 2*2/2
     assert w.optimizer_bytes == 32 * ((dense_params + g.embed + g.head + g.norm) / 2 + 4 * g.block_expert / 2 / 2)
 
 
@@ -187,3 +189,102 @@ def test_bench_plan_layouts_are_valid_for_its_config():
         assert step.step_time_s > 0 and (world == 1) == (step.exposed_comm_s == 0)
         worlds.add(world)
     assert worlds == {1, 2, 4}
+
+
+def test_one_rank_steps_fit_gives_the_exact_intercept_and_slope():
+    # tiny.yaml, one rank: per window (16 patch tokens) 16 x 3 x 370688 dense FLOPs and 16 x 3 x 4 x 49152
+    # expert FLOPs (see test_tiny_flops_and_bytes_by_hand); at 1 GFLOP/s x 0.5, experts at 0.8:
+    cfg = load_config(CONFIGS_DIR / "tiny.yaml")
+    matmul_per_window = (16 * 3 * 370688 + 16 * 3 * 4 * 49152 / 0.8) / 0.5e9
+    assert matmul_per_window == pytest.approx(0.059179008)
+    slope = 1.5 * matmul_per_window                         # -> other_fraction 0.5
+    steps = OneRankSteps(full_batch=32, half_batch=16, plain_full_s=0.1 + 32 * slope, plain_half_s=0.1 + 16 * slope,
+                         fsdp_s=0.3 + 16 * slope, fsdp_ep_s=0.35 + 16 * slope, fsdp_tp_s=0.65 + 16 * slope,
+                         plain_update_s=0.04, fsdp_update_s=0.1)
+    fixed, per_window = steps.fit()
+    assert fixed == pytest.approx(0.1) and per_window == pytest.approx(0.08876851)
+    p = calibrate_host(_profile(peak_tflops=1e-3, memory_gb_s=1.0), cfg, steps, "here")
+    from timers1.model import build_model
+    params = sum(t.numel() for t in build_model(cfg.model, cfg.moe, device="meta").parameters())
+    optimizer_s = 32 * params / 1e9                           # AdamW's 32 B per parameter at 1 GB/s
+    assert p.host.step_s == pytest.approx(0.06) and p.host.update_s == pytest.approx(0.04 - optimizer_s)
+    assert (p.host.sharded_s, p.host.sharded_update_s) == pytest.approx((0.14, 0.06))
+    assert (p.host.ep_s, p.host.tp_s) == pytest.approx((0.05, 0.3))
+    assert p.other_fraction == pytest.approx(0.5)
+    # The single-rank step it predicts at the full batch is the line it was fitted to.
+    single = predict_step(load_config(CONFIGS_DIR / "tiny.yaml", ["train.batch_size=32"]), ParallelDims(world_size=1), p)
+    assert single.step_time_s == pytest.approx(0.1 + 32 * slope) and single.host_s == pytest.approx(0.1 - optimizer_s)
+    # A pipeline rank (4 microbatches, 2 of the 4 units) dispatches its forward + backward ops once per microbatch.
+    pp = predict_step(cfg, ParallelDims(dp_shard=1, pp=2, world_size=2), p)
+    assert pp.host_s == pytest.approx(0.5 * (4 * (0.06 + 0.14) + (0.04 - optimizer_s + 0.06)))
+    # Noise that makes a wrapping look cheaper than the plain step counts as no overhead.
+    noisy = calibrate_host(_profile(peak_tflops=1e-3), cfg, OneRankSteps(32, 16, 1.0, 0.6, 0.5, 0.7, 0.6), "here")
+    assert (noisy.host.sharded_s, noisy.host.ep_s, noisy.host.tp_s) == pytest.approx((0.0, 0.2, 0.0))
+
+
+def test_host_overhead_per_layout_and_ranks_beyond_cores_share_them():
+    cfg = load_config(CONFIGS_DIR / "tiny.yaml")
+    host = HostOverhead(step_s=0.1, sharded_s=0.2, ep_s=0.05, tp_s=0.3)  # no update part: every layout is one pass
+    cpu = _profile(gpus_per_node=64, compute_slots_per_node=2, host=host)
+
+    def host_part(**dims):
+        d = ParallelDims(**dims)
+        return predict_step(cfg, d, cpu).compute_s - predict_step(cfg, d, replace(cpu, host=HostOverhead())).compute_s
+
+    assert host_part(world_size=1) == pytest.approx(0.1)
+    assert host_part(dp_shard=2, world_size=2) == pytest.approx(0.3)                  # + FSDP hooks, foreach AdamW
+    assert host_part(dp_shard=2, ep=2, world_size=2) == pytest.approx(0.35)           # + EP DTensors
+    assert host_part(dp_shard=1, tp=2, world_size=2) == pytest.approx(0.65)           # + EP and TP DTensors
+    # 2 of the 4 units per stage, once per microbatch (tiny.yaml: 4)
+    assert host_part(dp_shard=1, pp=2, world_size=2) == pytest.approx(0.5 * 4 * 0.3)
+    # 4 ranks on 2 cores: each computes at half speed, host overhead, matmuls and optimizer alike.
+    dp4 = ParallelDims(dp_shard=4, ep=4, world_size=4)
+    assert host_part(dp_shard=4, ep=4, world_size=4) == pytest.approx(2 * 0.35)
+    on_4_cores = replace(cpu, compute_slots_per_node=4)
+    assert predict_step(cfg, dp4, cpu).compute_s == pytest.approx(2 * predict_step(cfg, dp4, on_4_cores).compute_s)
+
+
+def test_gpu_profiles_have_no_cpu_host_overhead():
+    cfg = load_config(CONFIGS_DIR / "timer_s1_8b.yaml")
+    for name in ("h100_sxm", "h200_sxm"):
+        gpu = cluster_profile(name)
+        assert gpu.host == HostOverhead()
+        dims = ParallelDims(dp_shard=16, pp=4, ep=8, world_size=64)
+        step = predict_step(cfg, dims, gpu)
+        w = max((rank_work(cfg, dims, "bf16", r) for r in range(4)), key=lambda w: w.dense_flops + w.expert_flops)
+        matmul = (w.dense_flops + w.expert_flops / gpu.grouped_gemm_ratio) / (989e12 * 0.75)
+        assert step.host_s == 0.0
+        assert step.compute_s == pytest.approx(matmul * (1 + gpu.other_fraction) + w.optimizer_bytes / (gpu.memory_gb_s * 1e9))
+
+
+def test_host_overhead_from_the_profile_file(tmp_path):
+    body = (CONFIGS_DIR / "clusters.yaml").read_text()
+    good = tmp_path / "good.yaml"
+    gpu_line = "  host_overhead_ms: {step: 0.0, update: 0.0}\n"
+    assert gpu_line in body
+    good.write_text(body.replace(gpu_line, "  host_overhead_ms: {step: 2.5}\n", 1))
+    h100 = load_clusters(good)["h100_sxm"]
+    assert h100.host == HostOverhead(step_s=2.5e-3) and load_clusters(good)["h200_sxm"].host == HostOverhead()
+    assert "step_s 2.5 ms" in h100.figures_used()["host_overhead"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(body.replace(gpu_line, "  host_overhead_ms: {launch: 2}\n", 1))
+    from timers1.errors import InputError
+    with pytest.raises(InputError, match="h100_sxm: host_overhead_ms takes step, sharded, ep, tp, update, sharded_update, got \\['launch'\\]"):
+        load_clusters(bad)
+
+
+def test_calibration_from_a_bench_plan_line_is_for_the_cpu_profile_only(tmp_path):
+    cfg = load_config(CONFIGS_DIR / "small_cpu.yaml")
+    lines = tmp_path / "plan.jsonl"
+    lines.write_text(json.dumps({"bench": "plan", "profile": "cpu_gloo", "calibration": {
+        "peak_tflops": 0.07, "memory_gb_s": 20.0, "other_fraction": 0.6,
+        "host_overhead_ms": {"step_s": 80.0, "sharded_s": 100.0, "ep_s": 0.0, "tp_s": 175.0, "update_s": 5.0,
+                             "sharded_update_s": 30.0}}}) + "\n")
+    from timers1.parallel.step_time import calibrate
+
+    cpu = calibrate(cluster_profile("cpu_gloo"), [lines], cfg)
+    assert list(cpu.host.__dict__.values()) == pytest.approx([0.08, 0.1, 0.0, 0.175, 0.005, 0.03])
+    assert (cpu.peak_tflops, cpu.memory_gb_s, cpu.other_fraction) == (0.07, 20.0, 0.6)
+    assert "measured, plan.jsonl:1" in cpu.figures_used()["host_overhead"]
+    gpu = calibrate(cluster_profile("h100_sxm"), [lines], cfg)
+    assert gpu == cluster_profile("h100_sxm") and gpu.host == HostOverhead()

@@ -12,8 +12,11 @@ peak again inside each layout's ranks, all computing at once, after each of its 
 prediction for that layout runs at the median of these (ranks sharing cores see it already
 divided), and the memcpy bandwidth scaled by the same factor; likewise the profile's
 ``sync_s``, the mean wait a barrier after a short equal computation adds on these ranks (a loaded
-shared machine deschedules ranks at random, and every collective waits for the slowest). One JSON line
-per layout (``layout``, ``predicted_s``, ``measured_s``, ``ratio`` = measured / predicted),
+shared machine deschedules ranks at random, and every collective waits for the slowest). Before
+any layout, one-rank steps (``_one_rank_steps``) calibrate the batch-independent host overhead and
+the per-window slope (``step_time.calibrate_host``); the first line prints them under
+``calibration``, which ``timers1 plan --calibration`` reads. The multi-rank steps are only
+compared against, never fitted. One JSON line per layout (``layout``, ``predicted_s``, ``measured_s``, ``ratio`` = measured / predicted),
 then a summary line: every ratio within 1.5x either way, and the measured ranking against the
 predicted one.
 """
@@ -54,10 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", default="cpu_gloo", help="profile whose link/peak figures are replaced by measured ones")
 
 
-def _config(args, overrides: dict):
+def _config(args, overrides: dict, sets: tuple = ()):
     from timers1.config import load_config
 
-    return load_config(args.config, [*args.set, "model.dropout=0.0", "moe.kernel_backend=torch",
+    return load_config(args.config, [*args.set, "model.dropout=0.0", "moe.kernel_backend=torch", *sets,
                                      *(f"parallel.{k}={v}" for k, v in overrides.items())])
 
 
@@ -133,6 +136,68 @@ def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue)
         dist.destroy_process_group()
 
 
+def _one_rank_steps(rank: int, world: int, port: int, args, _overrides, queue) -> None:
+    """The calibration of ``step_time.calibrate_host``: one-rank steps, plain and wrapped.
+
+    The plain model at the full and half batch, then at the half batch the model wrapped as
+    ``parallelize`` wraps it for FSDP, EP and TP layouts, on one-rank meshes: the same hooks,
+    DTensor dispatch and optimizer implementation, without a peer to wait for: medians of
+    ``2 * --steps`` steps each. Also the matmul peak after each round (the machine's speed when
+    these figures were taken).
+    """
+    import torch
+    import torch.distributed as dist
+
+    from timers1.bench.train import TrainingRig
+    from timers1.model import build_model
+    from timers1.parallel import ParallelDims
+    from timers1.parallel.expert_parallel import apply_expert_parallel
+    from timers1.parallel.parallelize import apply_fsdp
+    from timers1.parallel.tensor_parallel import apply_tensor_parallel
+    from timers1.train.metrics import measure_peak_tflops
+
+    _init(rank, world, port)
+    try:
+        one_rank = ParallelDims(1, 1, 1, 1, 1, 1)
+        one_rank.build_meshes("cpu")  # every mesh of size 1, named as parallelize expects
+
+        full = _config(args, {}).train.batch_size
+        half = full // 2
+        rigs = {}
+        for name, batch, wrappings in (("plain_full_s", full, ()), ("plain_half_s", half, ()),
+                                       ("fsdp_s", half, ("fsdp",)), ("fsdp_ep_s", half, ("ep", "fsdp")),
+                                       ("fsdp_tp_s", half, ("tp", "ep", "fsdp"))):
+            cfg = _config(args, {}, [f"train.batch_size={batch}"])
+            torch.manual_seed(0)
+            model = build_model(cfg.model, cfg.moe, device=torch.device("cpu"))
+            if "tp" in wrappings:
+                apply_tensor_parallel(model, one_rank.mesh("tp"))
+            if "ep" in wrappings:
+                apply_expert_parallel(model, one_rank.mesh("ep"))
+            if "fsdp" in wrappings:
+                apply_fsdp(model, one_rank, None, reshard_after_forward=True)
+            rig = TrainingRig(cfg, torch.device("cpu"), model=model)
+            rigs[name] = (rig, *rig.windows())
+        # Round robin, one step of each per round: the load of this shared machine drifts by
+        # the minute, and the fit and the differences need the steps taken under the same load.
+        samples, updates, peaks = {name: [] for name in rigs}, {name: [] for name in rigs}, []
+        for i in range(args.warmup + 2 * args.steps):
+            for name, (rig, values, mask) in rigs.items():
+                t0 = time.perf_counter()
+                rig.step(values, mask)
+                if i >= args.warmup:
+                    samples[name].append(time.perf_counter() - t0)
+                    updates[name].append(rig.update_s)
+            if i >= args.warmup:
+                peaks.append(measure_peak_tflops(torch.device("cpu"), torch.float32, seconds=args.peak_seconds))
+        times = {name: statistics.median(s) for name, s in samples.items()}
+        times["plain_update_s"] = statistics.median(updates["plain_full_s"] + updates["plain_half_s"])
+        times["fsdp_update_s"] = statistics.median(updates["fsdp_s"])
+        queue.put((full, half, times, statistics.median(peaks)))
+    finally:
+        dist.destroy_process_group()
+
+
 def _link(rank: int, world: int, port: int, args, _overrides, queue) -> None:
     """alpha, bandwidth of the loopback link: 2-rank all-gathers of a small and a large message."""
     import torch
@@ -176,7 +241,7 @@ def measured_profile(args):
     import torch
 
     from timers1.bench.kernels import measure_peaks
-    from timers1.parallel.step_time import Link, all_gather_s, cluster_profile
+    from timers1.parallel.step_time import Link, OneRankSteps, all_gather_s, calibrate_host, cluster_profile
 
     torch.set_num_threads(1)
     profile = cluster_profile(args.cluster)
@@ -189,9 +254,14 @@ def measured_profile(args):
     link = Link(alpha, bandwidth)
     assert abs(all_gather_s(link, 2, large_b) - large_t) < 1e-9 + 1e-6 * large_t
     here = "measured in this run"
-    return replace(profile, peak_tflops=tflops, memory_gb_s=gbs, intra=link, inter=link,
-                   sources={"peak_tflops": f"{here} (fp32, 1 thread)", "memory_gb_s": f"{here} (memcpy)",
-                            "link": f"{here}: alpha {alpha * 1e6:.0f} us, {bandwidth / 1e9:.2f} GB/s"})
+    profile = replace(profile, peak_tflops=tflops, memory_gb_s=gbs, intra=link, inter=link,
+                      sources={"peak_tflops": f"{here} (fp32, 1 thread)", "memory_gb_s": f"{here} (memcpy)",
+                               "link": f"{here}: alpha {alpha * 1e6:.0f} us, {bandwidth / 1e9:.2f} GB/s"})
+    # The one-rank steps ran at their own peak: the host figures and the slope hold at that speed.
+    full, half, times, peak = _spawn(_one_rank_steps, 1, args, {})
+    steps = OneRankSteps(full, half, **times)
+    at_peak = replace(profile, peak_tflops=peak, memory_gb_s=gbs * peak / tflops)
+    return calibrate_host(at_peak, _config(args, {}), steps, here), steps
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,9 +270,16 @@ def run(args: argparse.Namespace) -> int:
     from timers1.parallel import ParallelDims
     from timers1.parallel.step_time import predict_step
 
-    profile = measured_profile(args)
+    from dataclasses import asdict
+
+    profile, one_rank = measured_profile(args)
     print(json.dumps({"bench": "plan", "profile": profile.name, "figures": profile.figures_used(),
-                      "link": profile.sources["link"]}), flush=True)
+                      "link": profile.sources["link"],
+                      "one_rank_steps": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(one_rank).items()},
+                      "calibration": {"peak_tflops": profile.peak_tflops, "memory_gb_s": profile.memory_gb_s,
+                                      "other_fraction": profile.other_fraction,
+                                      "host_overhead_ms": {k: v * 1e3 for k, v in asdict(profile.host).items()}}}),
+          flush=True)
     results = []
     for name in args.layouts:
         world, overrides = LAYOUTS[name]
@@ -210,8 +287,11 @@ def run(args: argparse.Namespace) -> int:
         dims = ParallelDims.from_config(cfg.parallel, world)
         samples, peaks, syncs = _spawn(_timed_steps, world, args, overrides)
         peak = statistics.median(peaks)
-        now = replace(profile, peak_tflops=peak, memory_gb_s=profile.memory_gb_s * peak / profile.peak_tflops,
-                      compute_slots_per_node=0, sync_s=statistics.median(syncs))
+        # Everything on the cores slows with the load: the host overhead measured at the
+        # calibration's peak scales like the matmuls (ranks sharing cores see ``peak`` divided).
+        slower = profile.peak_tflops / peak
+        now = replace(profile, peak_tflops=peak, memory_gb_s=profile.memory_gb_s / slower,
+                      host=profile.host.scaled(slower), compute_slots_per_node=0, sync_s=statistics.median(syncs))
         predicted = predict_step(cfg, dims, now)
         measured = statistics.median(samples)
         record = {"bench": "plan", "layout": name, "ranks": world, "dims": dims.layout,
@@ -220,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
                   "predicted_compute_s": round(predicted.compute_s, 4),
                   "predicted_exposed_comm_s": round(predicted.exposed_comm_s, 4),
                   "predicted_bubble_s": round(predicted.bubble_s, 4),
+                  "predicted_host_s": round(predicted.host_s, 4),
                   "measured_min_s": round(min(samples), 4), "measured_max_s": round(max(samples), 4),
                   "peak_tflops_per_rank": [round(x, 4) for x in peaks], "sync_ms": round(now.sync_s * 1e3, 2)}
         results.append(record)

@@ -27,10 +27,11 @@ class TrainingRig:
     optimizers and their LR schedule) without the trainer's data loader, checkpoints or logs,
     so benchmarks measure the step alone. With ``world_size`` > 1 (an initialised process group)
     this rank steps on its data shard (``batch_size / dp`` windows; the tp and pp ranks of a dp
-    group draw the same ones).
+    group draw the same ones). ``model``: one the caller built (and possibly wrapped, as
+    ``bench plan``'s one-rank stand-ins of FSDP/TP/EP are) instead of a fresh one.
     """
 
-    def __init__(self, cfg, device, seed: int = 0, world_size: int = 1):
+    def __init__(self, cfg, device, seed: int = 0, world_size: int = 1, model=None):
         import torch
 
         from timers1.model import build_model
@@ -38,7 +39,7 @@ class TrainingRig:
         from timers1.train.optim import PartOptimizers
 
         self.cfg, self.device = cfg, device
-        self.model = build_model(cfg.model, cfg.moe, device=device)
+        self.model = model if model is not None else build_model(cfg.model, cfg.moe, device=device)
         self.engine = build_engine(self.model, cfg, world_size=world_size, device=device)
         self.optimizers = PartOptimizers(self.engine.model_parts, cfg.train)
         self.window_points = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
@@ -58,9 +59,12 @@ class TrainingRig:
         """One optimizer step; returns the loss parts (a host sync, as the trainer's logging is)."""
         self.optimizers.zero_grad()
         result = self.engine.forward_backward(values_BW, mask_BW)
+        update_start = time.perf_counter()
         self.engine.clip_grad_norm(self.cfg.train.grad_clip_norm or float("inf"))
         self.optimizers.step()
         self.optimizers.schedule_step()
+        # Host seconds of clip + optimizer (the device's, on CPU): bench plan's per-step share.
+        self.update_s = time.perf_counter() - update_start
         return result.loss_floats
 
     def train_flops_per_step(self) -> float:

@@ -19,14 +19,34 @@ busiest rank sets the pace) at ``grouped_gemm_ratio`` of the dense GEMM speed; e
 at ``peak_tflops * gemm_efficiency``, and the non-matmul work (norms, softmax, routing,
 permutation) costs ``other_fraction`` of the matmul time. The optimizer streams 32 B per local
 parameter (AdamW reads p, g, m, v and writes p, m, v; the clip reads g) at ``memory_gb_s``.
-On the CPU profile, ranks beyond ``compute_slots_per_node`` cores share them.
+
+Host overhead (``HostOverhead``): seconds that do not depend on the batch, for a rank that runs
+the whole model. Per forward + backward pass (a pipeline rank makes one per microbatch):
+``step_s`` (dispatching the ~2000 small ops), plus ``sharded_s`` once the parameters are FSDP
+DTensors (FSDP's pre/post hooks and collective calls per unit), ``ep_s`` once the experts are
+EP DTensors (with EP or TP: ``parallelize`` applies the expert style for both) and ``tp_s``
+once the dense weights are TP DTensors (DTensor's host dispatch and sharding propagation on
+every op). Per step: ``update_s`` (clip + optimizer beyond the optimizer's memory traffic: the
+fused AdamW kernel on plain tensors) plus ``sharded_update_s`` for DTensor parameters (on CPU
+AdamW's foreach per-tensor loop, see ``train.optim.adamw_implementation``). A rank that runs a
+share of the units (PP) pays that share. Where the figures come from: on GPU profiles
+``host_overhead_ms`` in the profile (0 there: kernel launches are asynchronous and hide behind
+the GPU's work while the host runs ahead; a measured intercept would go there); on ``cpu_gloo``
+``timers1 bench plan`` measures them in its run (``calibrate_host``, nothing else is fitted):
+one-rank steps at the full and half batch give ``step = fixed + per_window * windows`` (the
+intercept less the timed update is ``step_s``; the update less the optimizer's traffic is
+``update_s``; the slope sets ``other_fraction``), and the same model wrapped on one-rank meshes
+(FSDP; FSDP + EP; FSDP + TP + EP) at the half batch gives the wrappings' extra costs.
+On the CPU profile, ranks beyond ``compute_slots_per_node`` cores share them: the matmuls, the
+optimizer and the host overhead all slow down by ranks / cores.
 
 Communication (``Collective``: bytes and counts per step, costed by the alpha-beta formulas
 below, with ring algorithms over a group of n ranks):
   * FSDP: every unit's local (post-TP/EP) parameters are all-gathered in the compute dtype and
-    their gradients reduce-scattered in fp32, dense over dp_shard, experts over efsdp. Without
-    PP twice per step (forward, and backward: ``reshard_after_forward``), with PP once (kept
-    gathered over the microbatches; the gradient sync runs at the last one). The root
+    their gradients reduce-scattered in fp32, one call per unit (alpha and sync wait each), dense
+    over dp_shard, experts over efsdp; a one-rank group costs nothing. Without PP twice per
+    step (forward, and backward: ``reshard_after_forward``), with PP once (kept gathered over
+    the microbatches; the gradient sync runs at the last one). The root
     (embedding, norm, head) once. HSDP adds an fp32 all-reduce of the shard over dp_replicate.
   * TP/SP: per block and pass an all-gather of the sequence before attention and a
     reduce-scatter after o_proj (full local activations), mirrored in backward; one
@@ -79,6 +99,37 @@ class Link:
 
 
 @dataclass(frozen=True)
+class HostOverhead:
+    """Batch-independent seconds of a rank running the whole model (module docstring).
+
+    ``step_s``, ``sharded_s``, ``ep_s``, ``tp_s``: per forward + backward pass (a pipeline rank
+    makes one per microbatch); ``update_s``, ``sharded_update_s``: per step (clip + optimizer).
+    """
+
+    step_s: float = 0.0
+    sharded_s: float = 0.0
+    ep_s: float = 0.0
+    tp_s: float = 0.0
+    update_s: float = 0.0
+    sharded_update_s: float = 0.0
+
+    def seconds(self, dims: ParallelDims, unit_share: float = 1.0, passes: int = 1) -> float:
+        """This layout's rank: the wrappings ``parallelize`` applies for ``dims``, times its share
+        of units, its passes (microbatches) for the forward + backward part."""
+        per_pass, per_step = self.step_s, self.update_s
+        if dims.world_size > 1:
+            per_pass, per_step = per_pass + self.sharded_s, per_step + self.sharded_update_s
+        if dims.ep > 1 or dims.tp > 1:
+            per_pass += self.ep_s
+        if dims.tp > 1:
+            per_pass += self.tp_s
+        return (per_pass * passes + per_step) * unit_share
+
+    def scaled(self, factor: float) -> "HostOverhead":
+        return HostOverhead(**{k: factor * v for k, v in self.__dict__.items()})
+
+
+@dataclass(frozen=True)
 class ClusterProfile:
     name: str
     description: str
@@ -100,6 +151,8 @@ class ClusterProfile:
     sync_s: float = 0.0
     """Expected wait at each collective for the slowest rank beyond the wire time: 0 on dedicated
     devices; on a shared, loaded CPU ranks are descheduled at random (bench plan measures it)."""
+    host: HostOverhead = HostOverhead()
+    """Per-step host overhead (see the module docstring): profile ``host_overhead_ms`` or bench plan."""
     sources: dict = field(default_factory=dict, compare=False)
     """Where each calibrated figure came from (field -> text); absent fields are the profile's."""
 
@@ -115,6 +168,8 @@ class ClusterProfile:
         for name in ("peak_tflops", "memory_gb_s", "gemm_efficiency", "grouped_gemm_ratio", "other_fraction",
                      "alltoall_efficiency"):
             out[name] = f"{getattr(self, name):g} ({self.sources.get(name, 'profile ' + self.name)})"
+        host = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.host.__dict__.items())
+        out["host_overhead"] = f"{host} ({self.sources.get('host', 'profile ' + self.name)})"
         return out
 
 
@@ -122,7 +177,8 @@ _REQUIRED = {"description": str, "gpus_per_node": int, "gpu_mem_gib": float, "pe
              "memory_gb_s": float, "precision": str, "backend": str, "gemm_efficiency": float,
              "grouped_gemm_ratio": float, "other_fraction": float, "alltoall_efficiency": float,
              "comm_overlaps_compute": bool, "intra": dict, "inter": dict}
-_OPTIONAL = {"compute_slots_per_node": int, "sync_s": float}
+_OPTIONAL = {"compute_slots_per_node": int, "sync_s": float, "host_overhead_ms": dict}
+_HOST_KEYS = ("step", "sharded", "ep", "tp", "update", "sharded_update")
 
 
 def _field(name: str, key: str, value, kind):
@@ -134,7 +190,8 @@ def _field(name: str, key: str, value, kind):
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
             raise InputError(f"{where}: expected {'an integer' if kind is int else 'a number'}")
-        if value < 0 or (value == 0 and key not in ("compute_slots_per_node", "other_fraction", "sync_s")):
+        if value < 0 or (value == 0 and key not in ("compute_slots_per_node", "other_fraction", "sync_s")
+                         and not key.startswith("host_overhead_ms.")):
             raise InputError(f"{where}: must be positive")
         return kind(value)
     if not isinstance(value, kind):
@@ -149,6 +206,14 @@ def _link(name: str, key: str, data: dict) -> Link:
     alpha = _field(name, f"{key}.alpha_us", data["alpha_us"], float)
     bw = _field(name, f"{key}.bandwidth_gb_s", data["bandwidth_gb_s"], float)
     return Link(alpha * 1e-6, bw * 1e9)
+
+
+def _host(name: str, data: dict) -> HostOverhead:
+    unknown = sorted(set(data) - set(_HOST_KEYS))
+    if unknown:
+        raise InputError(f"cluster profile {name}: host_overhead_ms takes {', '.join(_HOST_KEYS)}, got {unknown}")
+    return HostOverhead(**{f"{k}_s": _field(name, f"host_overhead_ms.{k}", data[k], float) * 1e-3
+                           for k in _HOST_KEYS if k in data})
 
 
 def load_clusters(path: str | Path = CLUSTERS_YAML) -> dict[str, ClusterProfile]:
@@ -171,8 +236,11 @@ def load_clusters(path: str | Path = CLUSTERS_YAML) -> dict[str, ClusterProfile]
                   if k in body and t is not dict}
         if values["precision"] not in ("bf16", "fp32"):
             raise InputError(f"{path}: cluster profile {name}: precision={values['precision']!r}: use bf16 or fp32")
+        if not isinstance(body.get("host_overhead_ms", {}), dict):
+            raise InputError(f"{path}: cluster profile {name}: host_overhead_ms must map {', '.join(_HOST_KEYS)} to ms")
         profiles[name] = ClusterProfile(name=name, intra=_link(name, "intra", body["intra"]),
-                                        inter=_link(name, "inter", body["inter"]), **values)
+                                        inter=_link(name, "inter", body["inter"]),
+                                        host=_host(name, body.get("host_overhead_ms", {})), **values)
     return profiles
 
 
@@ -239,6 +307,8 @@ class Collective:
     count: float
 
     def seconds(self, profile: ClusterProfile) -> float:
+        if self.group <= 1:  # a one-rank group moves nothing and waits for no one
+            return 0.0
         if self.op == "all_to_all":
             one = all_to_all_s(profile, self.group, self.stride, self.nbytes)
         elif self.op == "send":
@@ -259,6 +329,8 @@ class RankWork:
     optimizer_bytes: float
     collectives: list[Collective]
     bubble_fraction: float
+    unit_share: float = 1.0  # of the model's units (blocks, STP blocks) this rank runs: its share of the ops
+    passes: int = 1          # forward + backward passes per step: the microbatches of a pipeline rank
 
     def comm_bytes(self, what: str) -> float:
         return sum(c.nbytes * c.count for c in self.collectives if c.what == what)
@@ -312,11 +384,14 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
     if dims.world_size > 1:
         gathers = 2 if pp == 1 else 1
         dp_stride, efsdp_stride = tp, ep
+        # One call per FSDP unit (every block, every block's experts): the bytes per call are a
+        # unit's average, so the bytes add up to the rank's and the alphas to one per unit.
         colls += [
-            Collective("fsdp", "all_gather", dims.dp_shard, dp_stride, dense_params * gather_b, gathers),
-            Collective("fsdp", "reduce_scatter", dims.dp_shard, dp_stride, dense_params * 4.0, 1),
-            Collective("fsdp", "all_gather", dims.efsdp, efsdp_stride, expert_params * gather_b, gathers),
-            Collective("fsdp", "reduce_scatter", dims.efsdp, efsdp_stride, expert_params * 4.0, 1),
+            Collective("fsdp", "all_gather", dims.dp_shard, dp_stride, dense_params / blocks * gather_b, gathers * blocks),
+            Collective("fsdp", "reduce_scatter", dims.dp_shard, dp_stride, dense_params / blocks * 4.0, blocks),
+            Collective("fsdp", "all_gather", dims.efsdp, efsdp_stride, expert_params / blocks * gather_b,
+                       gathers * blocks),
+            Collective("fsdp", "reduce_scatter", dims.efsdp, efsdp_stride, expert_params / blocks * 4.0, blocks),
             Collective("fsdp", "all_gather", dims.dp_shard, dp_stride, root_params * gather_b, 1),
             Collective("fsdp", "reduce_scatter", dims.dp_shard, dp_stride, root_params * 4.0, 1),
         ]
@@ -344,7 +419,8 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
         if sends_bwd:
             colls.append(Collective("pp", "send", 2, pp_stride, h_b, sends_bwd * microbatches))
     bubble = (pp - 1) / (virtual * microbatches) if pp > 1 else 0.0
-    return RankWork(dense, experts, shard_params * ADAMW_BYTES_PER_PARAM, colls, bubble)
+    return RankWork(dense, experts, shard_params * ADAMW_BYTES_PER_PARAM, colls, bubble,
+                    blocks / (m.num_layers + m.num_stp_blocks), microbatches)
 
 
 # ------------------------------------------------------------------------------------ time
@@ -358,6 +434,7 @@ class StepTime:
     comm_s: dict            # seconds per kind (fsdp total, tp, ep, pp), before overlap
     tokens_per_s: float
     mfu: float
+    host_s: float = 0.0     # the batch-independent host overhead inside compute_s
 
 
 def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, groups=None,
@@ -373,7 +450,8 @@ def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, group
     for pp_rank in range(dims.pp):
         w = rank_work(cfg, dims, profile.precision, pp_rank, groups, expert_load_factor)
         matmul = (w.dense_flops + w.expert_flops / profile.grouped_gemm_ratio) / rate
-        compute = matmul * (1 + profile.other_fraction) + w.optimizer_bytes / (profile.memory_gb_s * 1e9) \
+        host = profile.host.seconds(dims, w.unit_share, w.passes) * profile.slowdown(ranks_on_node)
+        compute = matmul * (1 + profile.other_fraction) + host + w.optimizer_bytes / (profile.memory_gb_s * 1e9) \
             * profile.slowdown(ranks_on_node)
         comm = {k: sum(c.seconds(profile) for c in w.collectives if c.what == k) for k in ("fsdp", "tp", "ep", "pp")}
         first_gather = next((c.seconds(profile) / c.count for c in w.collectives
@@ -384,8 +462,8 @@ def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, group
         bubble = w.bubble_fraction * critical
         step = critical + bubble + fsdp_exposed
         if best is None or step > best[0]:
-            best = (step, compute, step - compute - bubble, bubble, comm)
-    step, compute, exposed, bubble, comm = best
+            best = (step, compute, step - compute - bubble, bubble, comm, host)
+    step, compute, exposed, bubble, comm, host = best
     global_tokens = cfg.train.batch_size * patches
     model_flops = train_flops_per_patch(m, cfg.moe, patches) * global_tokens
     mfu = model_flops / step / (dims.world_size * profile.peak_tflops * 1e12)
@@ -393,7 +471,7 @@ def predict_step(cfg: Config, dims: ParallelDims, profile: ClusterProfile, group
     if dims.pp > 1:
         layout["pp_schedule"] = cfg.parallel.pp_schedule
         layout["pp_microbatches"] = cfg.parallel.pp_microbatches
-    return StepTime(layout, step, compute, exposed, bubble, comm, global_tokens / step, mfu)
+    return StepTime(layout, step, compute, exposed, bubble, comm, global_tokens / step, mfu, host)
 
 
 # ------------------------------------------------------------------------------------ ranking
@@ -451,7 +529,9 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
         -> other_fraction, solving 1/mfu = (1 - x + x/grouped_gemm_ratio)(1 + other_fraction)
         for the expert share x of the FLOPs of ``cfg`` (the planned config);
       * ``bench dispatch`` lines -> alltoall_efficiency = the alpha-beta prediction for that
-        shape at efficiency 1 over the measured dispatch + combine time (median over lines).
+        shape at efficiency 1 over the measured dispatch + combine time (median over lines);
+      * ``bench plan``'s first line (CPU profile only) -> peak_tflops, memory_gb_s,
+        other_fraction and the host overhead its one-rank steps measured (``calibrate_host``).
     """
     on_gpu = profile.backend == "nccl"
     values, sources = {}, dict(profile.sources)
@@ -480,6 +560,12 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
                     values["_mfu"] = (rec["ratio"], where)
             elif bench == "train" and rec.get("mfu") and (rec.get("device", "").startswith("cuda") == on_gpu):
                 values["_mfu"] = (rec["mfu"], where)
+            elif bench == "plan" and "calibration" in rec and not on_gpu:
+                cal = rec["calibration"]
+                values.update(peak_tflops=cal["peak_tflops"], memory_gb_s=cal["memory_gb_s"],
+                              other_fraction=cal["other_fraction"],
+                              host=HostOverhead(**{k: v * 1e-3 for k, v in cal["host_overhead_ms"].items()}))
+                sources.update({k: f"measured, {where}" for k in ("peak_tflops", "memory_gb_s", "other_fraction", "host")})
             elif bench == "dispatch" and (rec.get("backend") == profile.backend):
                 dispatch.append((rec, where))
     out = replace(profile, **{k: v for k, v in values.items() if not k.startswith("_")}, sources=sources)
@@ -502,3 +588,59 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
         out = replace(out, alltoall_efficiency=eff, sources={
             **out.sources, "alltoall_efficiency": f"measured, median of {len(ratios)} bench dispatch lines ({dispatch[0][1]})"})
     return out
+
+
+@dataclass(frozen=True)
+class OneRankSteps:
+    """Measured seconds of one-rank training steps (``timers1 bench plan``'s calibration).
+
+    ``plain_*``: the unwrapped model at ``full_batch`` and ``half_batch`` windows; ``fsdp``,
+    ``fsdp_ep``, ``fsdp_tp``: the model wrapped on one-rank meshes (FSDP; FSDP + EP; FSDP + TP
+    + EP, as ``parallelize`` wraps it for those layouts) at ``half_batch``. ``*_update_s``: the
+    clip + optimizer part of the plain and the FSDP-wrapped steps (in the step times too).
+    """
+
+    full_batch: int
+    half_batch: int
+    plain_full_s: float
+    plain_half_s: float
+    fsdp_s: float
+    fsdp_ep_s: float
+    fsdp_tp_s: float
+    plain_update_s: float = 0.0
+    fsdp_update_s: float = 0.0
+
+    def fit(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per window) of the straight line through the two plain steps."""
+        per_window = (self.plain_full_s - self.plain_half_s) / (self.full_batch - self.half_batch)
+        return self.plain_full_s - per_window * self.full_batch, per_window
+
+
+def calibrate_host(profile: ClusterProfile, cfg: Config, steps: OneRankSteps, where: str) -> ClusterProfile:
+    """``profile`` with ``host`` and ``other_fraction`` from one-rank steps measured at its peak.
+
+    The plain steps' intercept less their update (clip + optimizer) is ``host.step_s``, the
+    per-pass part; the update, less the optimizer's memory traffic that ``predict_step`` charges
+    separately, is ``update_s``; the slope, over the matmul seconds per window this profile
+    predicts, is ``1 + other_fraction``. The FSDP-wrapped step minus the plain one at the same
+    batch gives ``sharded_update_s`` (update part) and ``sharded_s`` (the rest); the EP and TP
+    wrappings minus the previous one give ``ep_s`` and ``tp_s`` (all per pass). A negative
+    difference (noise on a shared machine) counts as 0.
+    """
+    single = ParallelDims(1, 1, 1, 1, 1, 1)
+    fixed, per_window = steps.fit()
+    work = rank_work(replace(cfg, train=replace(cfg.train, batch_size=steps.full_batch)), single, profile.precision)
+    rate = profile.peak_tflops * 1e12 * profile.gemm_efficiency
+    matmul_per_window = (work.dense_flops + work.expert_flops / profile.grouped_gemm_ratio) / rate / steps.full_batch
+    optimizer = work.optimizer_bytes / (profile.memory_gb_s * 1e9)
+    sharded_update = steps.fsdp_update_s - steps.plain_update_s
+    host = HostOverhead(step_s=max(0.0, fixed - steps.plain_update_s),
+                        update_s=max(0.0, steps.plain_update_s - optimizer),
+                        sharded_update_s=max(0.0, sharded_update),
+                        sharded_s=max(0.0, steps.fsdp_s - steps.plain_half_s - sharded_update),
+                        ep_s=max(0.0, steps.fsdp_ep_s - steps.fsdp_s),
+                        tp_s=max(0.0, steps.fsdp_tp_s - steps.fsdp_ep_s))
+    other = max(0.0, per_window / matmul_per_window - 1)
+    return replace(profile, host=host, other_fraction=other, sources={
+        **profile.sources, "host": f"one-rank steps, {where}",
+        "other_fraction": f"slope {per_window * 1e3:.2f} ms/window of one-rank steps, {where}"})
