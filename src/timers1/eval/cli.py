@@ -14,8 +14,11 @@ from pathlib import Path
 from timers1.errors import InputError
 
 
-def _load_checkpoint_forecaster(path: str):
-    """The model's forecaster; imported lazily so baselines work without the model stack."""
+def _load_checkpoint_forecaster(path: str, context_points: int = 0):
+    """The model's forecaster; imported lazily so baselines work without the model stack.
+
+    ``context_points`` (0: the model's own ``max_context_points``) also sets how much history
+    the model reads, so a context sweep can go past the length it trained at."""
     if not Path(path).exists():
         raise InputError(f"--checkpoint {path}: does not exist")
     try:
@@ -23,7 +26,7 @@ def _load_checkpoint_forecaster(path: str):
     except ImportError as exc:
         raise InputError(f"--checkpoint needs timers1.forecast.load_forecaster, which is not "
                          f"available here ({exc}); use --baseline instead") from None
-    return load_forecaster(path)
+    return load_forecaster(path, max_context_points=context_points or None)
 
 
 def _resolve_specs(data: str, configs: list[str] | None):
@@ -77,7 +80,7 @@ def _eval_source(args: argparse.Namespace):
     if args.baseline:
         return baseline_factory(args.baseline, n_jobs=args.jobs), args.baseline
     # runs/x/model, not "model": the run it came from
-    return _load_checkpoint_forecaster(args.checkpoint), str(args.checkpoint)
+    return _load_checkpoint_forecaster(args.checkpoint, args.context_points), str(args.checkpoint)
 
 
 def run_sanity(args: argparse.Namespace, source, name: str) -> int:
@@ -132,7 +135,7 @@ def run_forecast(args: argparse.Namespace) -> int:
     # Validate the paths and read the input before loading the model: bad input fails fast.
     check_output_path(args.output)
     series = frame_to_series(read_long_format(args.input))
-    forecaster = _load_checkpoint_forecaster(args.checkpoint)
+    forecaster = _load_checkpoint_forecaster(args.checkpoint, args.context_points)
     frame = forecast_series(forecaster, series, args.horizon, freq=args.freq, source=str(args.input),
                             batch_size=args.batch_size, max_context_points=args.context_points or None)
     write_frame(frame, args.output)
