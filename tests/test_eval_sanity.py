@@ -185,3 +185,16 @@ def test_closing_evaluation_of_a_run_writes_the_sanity_files(tiny_config, tiny_m
     assert sanity["settings"]["max_context_points"] == 64
     assert (run_dir / "sanity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("sanity suite" in line and "trend_weekly" in line for line in logged)
+
+
+def test_context_points_lifts_the_model_cap_for_a_context_sweep(tiny_model_dir, tiny_config):
+    from timers1.eval.cli import _load_checkpoint_forecaster
+
+    own = tiny_config.model.max_context_points
+    assert _load_checkpoint_forecaster(str(tiny_model_dir)).max_context_points == own
+    assert _load_checkpoint_forecaster(str(tiny_model_dir), 4 * own).max_context_points == 4 * own
+    # A longer context reaches the model: the forecast of a long series changes with it.
+    series = [np.sin(np.arange(8 * own) / 7.0) + np.arange(8 * own) / own]
+    short = _load_checkpoint_forecaster(str(tiny_model_dir)).predict(series, 2 * tiny_config.model.patch_points)
+    long = _load_checkpoint_forecaster(str(tiny_model_dir), 4 * own).predict(series, 2 * tiny_config.model.patch_points)
+    assert not np.allclose(np.asarray(short), np.asarray(long))
