@@ -411,12 +411,9 @@ def megatron_single_rank(device: torch.device):
     import_megatron()  # quietly, before parallel_state imports megatron.core
     own_group = not dist.is_initialized()
     if own_group:
-        import socket
+        from timers1.bench.gloo_ranks import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
     from megatron.core import parallel_state
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import sys
 import time
+
+from timers1.bench.gloo_ranks import init_rank, spawn
 
 # name: (world size, parallel overrides)
 LAYOUTS = {
@@ -62,21 +62,6 @@ def _config(args, overrides: dict, sets: tuple = ()):
 
     return load_config(args.config, [*args.set, "model.dropout=0.0", "moe.kernel_backend=torch", *sets,
                                      *(f"parallel.{k}={v}" for k, v in overrides.items())])
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, world: int, port: int):
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue) -> None:
@@ -115,7 +100,7 @@ def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue)
         dist.all_reduce(wait, op=dist.ReduceOp.MAX)
         return max(0.0, float(wait))
 
-    _init(rank, world, port)
+    init_rank(rank, world, port)
     try:
         rig = TrainingRig(_config(args, overrides), torch.device("cpu"), world_size=world)
         values, mask = rig.windows()
@@ -156,7 +141,7 @@ def _one_rank_steps(rank: int, world: int, port: int, args, _overrides, queue) -
     from timers1.parallel.tensor_parallel import apply_tensor_parallel
     from timers1.train.metrics import measure_peak_tflops
 
-    _init(rank, world, port)
+    init_rank(rank, world, port)
     try:
         one_rank = ParallelDims(1, 1, 1, 1, 1, 1)
         one_rank.build_meshes("cpu")  # every mesh of size 1, named as parallelize expects
@@ -203,7 +188,7 @@ def _link(rank: int, world: int, port: int, args, _overrides, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    _init(rank, world, port)
+    init_rank(rank, world, port)
     try:
         times = {}
         for nbytes in (1024, 8 * 2**20):
@@ -224,16 +209,6 @@ def _link(rank: int, world: int, port: int, args, _overrides, queue) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, args, overrides: dict):
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(fn, args=(world, _port(), args, overrides, queue), nprocs=world, join=True,
-                       start_method="spawn")
-    return queue.get()
-
-
 def measured_profile(args):
     """The cluster profile with this machine's peak, memcpy and loopback link measured now."""
     from dataclasses import replace
@@ -246,7 +221,7 @@ def measured_profile(args):
     torch.set_num_threads(1)
     profile = cluster_profile(args.cluster)
     tflops, gbs = measure_peaks(torch.device("cpu"), torch.float32, repeats=5, size=1024)
-    (small_b, small_t), (large_b, large_t) = sorted(_spawn(_link, 2, args, {}).items())
+    (small_b, small_t), (large_b, large_t) = sorted(spawn(_link, 2, args, {}).items())
     # 2-rank ring all-gather: t = alpha + bytes / (2 bandwidth); two sizes give both.
     slope = (large_t - small_t) / (large_b - small_b)
     bandwidth = 1 / (2 * slope)
@@ -258,19 +233,17 @@ def measured_profile(args):
                       sources={"peak_tflops": f"{here} (fp32, 1 thread)", "memory_gb_s": f"{here} (memcpy)",
                                "link": f"{here}: alpha {alpha * 1e6:.0f} us, {bandwidth / 1e9:.2f} GB/s"})
     # The one-rank steps ran at their own peak: the host figures and the slope hold at that speed.
-    full, half, times, peak = _spawn(_one_rank_steps, 1, args, {})
+    full, half, times, peak = spawn(_one_rank_steps, 1, args, {})
     steps = OneRankSteps(full, half, **times)
     at_peak = replace(profile, peak_tflops=peak, memory_gb_s=gbs * peak / tflops)
     return calibrate_host(at_peak, _config(args, {}), steps, here), steps
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from timers1.parallel import ParallelDims
     from timers1.parallel.step_time import predict_step
-
-    from dataclasses import asdict
 
     profile, one_rank = measured_profile(args)
     print(json.dumps({"bench": "plan", "profile": profile.name, "figures": profile.figures_used(),
@@ -285,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         world, overrides = LAYOUTS[name]
         cfg = _config(args, overrides)
         dims = ParallelDims.from_config(cfg.parallel, world)
-        samples, peaks, syncs = _spawn(_timed_steps, world, args, overrides)
+        samples, peaks, syncs = spawn(_timed_steps, world, args, overrides)
         peak = statistics.median(peaks)
         # Everything on the cores slows with the load: the host overhead measured at the
         # calibration's peak scales like the matmuls (ranks sharing cores see ``peak`` divided).
