@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from timers1.cli import main
 from tests.conftest import CONFIGS_DIR
 
@@ -28,3 +30,12 @@ def test_bench_checkpoint_reports_ratios(capsys, tmp_path):
     assert bandwidth["save_ratio"] > 0 and bandwidth["load_ratio"] > 0
     assert overhead["step_s_no_save"] > 0 and "overhead" in overhead
     assert not any(tmp_path.iterdir())  # it cleans up after itself
+
+
+def test_bench_dispatch_times_the_training_dispatcher_on_spawned_gloo_ranks(capsys):
+    assert main(["bench", "dispatch", "--ep", "2", "--tokens", "256", "--hidden", "64", "--expert-hidden", "64",
+                 "--iters", "2", "--warmup", "1"]) == 0
+    (record,) = _records(capsys)
+    assert record["backend"] == "gloo" and record["ep"] == 2
+    assert record["dispatch_combine_ms"] > 0 and record["experts_ms"] > 0
+    assert record["ratio"] == pytest.approx(record["dispatch_combine_ms"] / record["experts_ms"], rel=0.02)

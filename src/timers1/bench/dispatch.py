@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
+
+from timers1.bench.gloo_ranks import init_rank, spawn
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def _measure(args, device) -> dict:
     import torch.distributed as dist
 
     from timers1.kernels import permute, route, swiglu_experts
-    from timers1.parallel.expert_parallel import DispatchPlan, all_to_all
+    from timers1.parallel.expert_parallel import combine, dispatch, plan_dispatch
 
     ep = dist.get_world_size()
     group = dist.group.WORLD
@@ -62,16 +63,15 @@ def _measure(args, device) -> dict:
     w_d = torch.randn(local, d, f, device=device) * 0.02
 
     def dispatch_combine():
-        plan = DispatchPlan(routing.tokens_per_expert_E, ep, group)
-        recv = all_to_all(x_SD, plan.output_splits, plan.input_splits, group)
-        grouped = recv.index_select(0, plan.regroup_S)
-        back = torch.empty_like(grouped).index_copy(0, plan.regroup_S, grouped)
-        return all_to_all(back, plan.input_splits, plan.output_splits, group), plan, grouped
+        # The training path's own three phases (ExpertParallel), the expert compute left out.
+        plan = plan_dispatch(routing.tokens_per_expert_E, group)
+        grouped = dispatch(x_SD, plan, group)
+        return combine(grouped, plan, group), plan, grouped
 
     _, plan, grouped = dispatch_combine()
 
     def experts():
-        return swiglu_experts(grouped, plan.local_counts_E, w_g, w_u, w_d)
+        return swiglu_experts(grouped, plan.tokens_per_expert_G, w_g, w_u, w_d)
 
     times = {}
     with torch.no_grad():
@@ -100,9 +100,7 @@ def _spawned(rank: int, world: int, port: int, args, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     try:
         result = _measure(args, torch.device("cpu"))
         if rank == 0:
@@ -112,9 +110,6 @@ def _spawned(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import torch.multiprocessing as mp
-
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from timers1.parallel import init_distributed
         import torch.distributed as dist
@@ -128,13 +123,7 @@ def run(args: argparse.Namespace) -> int:
         if args.experts % ep:
             print(f"timers1 bench dispatch: --experts={args.experts} not divisible by ep={ep}; skipped", file=sys.stderr)
             continue
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ctx = mp.get_context("spawn")
-        queue = ctx.SimpleQueue()
-        mp.start_processes(_spawned, args=(ep, port, args, queue), nprocs=ep, join=True, start_method="spawn")
-        print(json.dumps(queue.get()), flush=True)
+        print(json.dumps(spawn(_spawned, ep, args)), flush=True)
     return 0
 
 
