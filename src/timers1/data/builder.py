@@ -23,8 +23,10 @@ and dataset, so an evaluation elsewhere can exclude them).
 The validation split: a series is held out (kept in the corpus, marked ``held_out``, never
 trained on; the trainer scores it) when its content hash, the one deduplication uses, falls in
 the lowest ``validation_fraction`` of the hash range. The choice depends on the values alone:
-not on the order of sources, the number of workers or the rest of the corpus. ``build_default_corpus`` is the no-download corpus the
-README trains on; ``ensure_default_corpus`` builds it once into a cache directory.
+not on the order of sources, the number of workers or the rest of the corpus.
+
+``build_default_corpus`` is the no-download corpus the README trains on;
+``ensure_default_corpus`` builds it once into a cache directory.
 """
 
 from __future__ import annotations

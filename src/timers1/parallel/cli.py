@@ -126,9 +126,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(_row(i, pl))
     best = plans[0]
     print("memory of the first, worst rank: " + best.memory.line())
-    dims = {k: v for k, v in best.step.layout.items()}
     print(f"answer: {'fits' if best.fits else 'does NOT fit'}; put in the config: "
-          f"parallel: {{{', '.join(f'{k}: {v}' for k, v in dims.items())}}} "
+          f"parallel: {{{', '.join(f'{k}: {v}' for k, v in best.step.layout.items())}}} "
           f"({best.memory.total_gib:.1f} of {mem:g} GiB, 90% usable; {best.step.step_time_s:.3f} s/step, "
           f"MFU {100 * best.step.mfu:.1f}%)")
     if args.plot:
