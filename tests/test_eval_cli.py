@@ -61,7 +61,7 @@ def test_forecast_cli_parquet_in_and_out(tmp_path, monkeypatch):
                             "target": np.arange(36.0)})
     monthly.to_parquet(source, index=False)
     monkeypatch.setattr(eval_cli, "_load_checkpoint_forecaster",
-                        lambda path: StatsForecastBaseline("seasonal_naive", season_length=12))
+                        lambda path, context_points=0: StatsForecastBaseline("seasonal_naive", season_length=12))
     out = tmp_path / "fc.parquet"
     code = cli.main(["forecast", "--checkpoint", str(tmp_path), "--input", str(source), "--horizon", "3",
                      "--output", str(out), "--plot", str(tmp_path / "p.png")])
@@ -102,7 +102,7 @@ def test_forecast_bad_inputs_name_the_culprit(tmp_path, hourly_csv):
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, hourly_csv, monkeypatch, capsys):
     monkeypatch.setattr(eval_cli, "_load_checkpoint_forecaster",
-                        lambda path: StatsForecastBaseline("seasonal_naive", season_length=24))
+                        lambda path, context_points=0: StatsForecastBaseline("seasonal_naive", season_length=24))
     code = cli.main(["forecast", "--checkpoint", str(tmp_path), "--input", str(hourly_csv),
                      "--horizon", "500", "--output", str(tmp_path / "o.csv")])
     assert code == 2

@@ -177,7 +177,8 @@ def test_inner_nans_are_filled_with_a_one_line_warning(tmp_path, monkeypatch, ca
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(tmp_path / "in.csv", index=False)
-    monkeypatch.setattr(eval_cli, "_load_checkpoint_forecaster", lambda path: CrossingForecaster())
+    monkeypatch.setattr(eval_cli, "_load_checkpoint_forecaster",
+                        lambda path, context_points=0: CrossingForecaster())
     assert main(["forecast", "--checkpoint", str(tmp_path), "--input", str(tmp_path / "in.csv"), "--horizon", "4",
                  "--output", str(tmp_path / "out.csv"), "--plot", str(tmp_path / "plot.png")]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
