@@ -9,7 +9,8 @@ import torch
 
 from timers1.kernels import Routing
 from timers1.losses import (SERIES_SCALE_FLOOR_FRACTION, WQL_DENOMINATOR_FLOOR, LossConfig, LossParts, LossShare, router_losses, stage_loss,
-                            masked_mean, series_loss_scale, stp_weights, target_patches, weighted_quantile_loss)
+                            masked_mean, normalize_window, series_loss_scale, stp_weights, target_patches,
+                            weighted_quantile_loss, window_uniform)
 from timers1.model import TimerS1Output, instance_normalize
 from timers1.model.moe import RouterRecord
 
@@ -64,22 +65,82 @@ def test_target_patches_layout_and_window_end_masking():
     assert tmask[0, 1].tolist() == [[1, 1], [1, 1], [1, 1]]
 
 
-def test_min_prefix_fraction_skips_positions_with_short_prefixes():
+def test_target_patches_scores_only_the_positions_given():
     # Row 0: 6 observed context patches; row 1: 2 fully padded patches, then 4 observed.
     values = torch.arange(16.0).view(1, 16).repeat(2, 1)  # 8 patches of 2 points
     mask = torch.ones(2, 16)
     mask[1, :4] = 0
     _, everything = target_patches(values, mask, patch_points=2, context_patches=6, num_horizons=1)
-    _, half = target_patches(values, mask, patch_points=2, context_patches=6, num_horizons=1,
-                             min_prefix_fraction=0.5)
+    scored_BN = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1]], dtype=torch.bool)
+    _, some = target_patches(values, mask, patch_points=2, context_patches=6, num_horizons=1, scored_BN=scored_BN)
     scored = lambda m: m[:, 0].amax(dim=-1).tolist()  # noqa: E731
     assert scored(everything) == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
-    # Positions whose observed prefix covers >= half the observed context: 3 of 6 in row 0,
-    # 2 of 4 counted from the first observed patch in row 1.
-    assert scored(half) == [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]
-    _, last_only = target_patches(values, mask, patch_points=2, context_patches=6, num_horizons=1,
-                                  min_prefix_fraction=1.0)
-    assert scored(last_only) == [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]]
+    # Padding positions stay unscored whatever scored_BN says.
+    assert scored(some) == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 0, 0, 1]]
+
+
+def _prefix_windows(batch: int = 64, patch_points: int = 4, context_patches: int = 12, seed: int = 0):
+    """Random walks with 0-8 fully padded patches at the left and a part-padded first patch."""
+    gen = torch.Generator().manual_seed(seed)
+    width = (context_patches + 2) * patch_points
+    values = torch.randn(batch, width, generator=gen).cumsum(dim=-1)
+    mask = torch.ones(batch, width)
+    pad_points = torch.randint(0, 8 * patch_points + 3, (batch,), generator=gen)
+    mask[torch.arange(width)[None, :] < pad_points[:, None]] = 0
+    return values * mask, mask
+
+
+def test_normalize_window_without_a_prefix_is_the_whole_context():
+    values, mask = _prefix_windows()
+    context = 48
+    window = normalize_window(values, mask, context, patch_points=4)
+    normed, mean, scale = instance_normalize(values[:, :context], mask[:, :context])
+    assert torch.equal(window.context_BL, normed) and torch.equal(window.mean_B1, mean)
+    assert torch.equal(window.scale_B1, scale) and window.scored_BN is None
+    assert torch.equal(window.after_stats_BW[:, :context], torch.zeros(len(values), context))
+    assert torch.equal(window.after_stats_BW[:, context:], mask[:, context:])
+    # Fraction 1 (the validation protocol): the same statistics, only the last position scored.
+    last = normalize_window(values, mask, context, patch_points=4, prefix_min_fraction=1.0)
+    torch.testing.assert_close(last.context_BL, normed, rtol=0, atol=1e-6)
+    torch.testing.assert_close(last.mean_B1, mean, rtol=1e-6, atol=1e-6)
+    assert last.scored_BN.sum(dim=-1).tolist() == [1] * len(values)
+    assert last.scored_BN[:, -1].all()
+
+
+def test_normalize_window_prefix_statistics_never_reach_a_scored_position():
+    patch_points, context_patches, fraction = 4, 12, 0.25
+    context = patch_points * context_patches
+    values, mask = _prefix_windows(batch=200, patch_points=patch_points, context_patches=context_patches)
+    window = normalize_window(values, mask, context, patch_points, prefix_min_fraction=fraction)
+    drawn = []
+    for b in range(len(values)):
+        observed = [i for i in range(context_patches) if mask[b, i * patch_points:(i + 1) * patch_points].any()]
+        scored = torch.nonzero(window.scored_BN[b]).view(-1).tolist()
+        # Statistics come from the observed patches up to the first scored position, no further.
+        stats_end = scored[0]
+        c = observed.index(stats_end) + 1
+        assert math.ceil(fraction * len(observed)) <= c <= len(observed)
+        assert scored == list(range(stats_end, context_patches))
+        in_stats = mask[b, :(stats_end + 1) * patch_points].bool()
+        points = values[b, :(stats_end + 1) * patch_points][in_stats].double()
+        mean, std = points.mean().item(), points.std(unbiased=False).item()
+        assert window.mean_B1[b, 0].item() == pytest.approx(mean, rel=1e-4, abs=1e-4)
+        assert window.scale_B1[b, 0].item() == pytest.approx(std + 1e-5, rel=1e-4, abs=1e-4)
+        expected = (values[b, :context] - window.mean_B1[b]) / window.scale_B1[b] * mask[b, :context]
+        torch.testing.assert_close(window.context_BL[b], expected)
+        assert torch.equal(window.after_stats_BW[b, :(stats_end + 1) * patch_points],
+                           torch.zeros((stats_end + 1) * patch_points))
+        assert torch.equal(window.after_stats_BW[b, (stats_end + 1) * patch_points:],
+                           mask[b, (stats_end + 1) * patch_points:])
+        drawn.append((c - math.ceil(fraction * len(observed))) / max(len(observed) - math.ceil(fraction * len(observed)), 1))
+    # The draw spreads over the allowed range, and depends on the window alone: the same
+    # windows in another order and another batch draw the same prefixes.
+    assert min(drawn) == 0.0 and max(drawn) == 1.0 and 0.35 < sum(drawn) / len(drawn) < 0.65
+    order = torch.randperm(len(values), generator=torch.Generator().manual_seed(1))
+    again = normalize_window(values[order[:50]], mask[order[:50]], context, patch_points, prefix_min_fraction=fraction)
+    assert torch.equal(again.scored_BN, window.scored_BN[order[:50]])
+    uniform = window_uniform(values)
+    assert ((uniform >= 0) & (uniform < 1)).all() and len(set(uniform.tolist())) == len(values)
 
 
 def _loop_loss(pred_norm, values, mask, mean, scale, quantiles, weights):
@@ -216,12 +277,14 @@ def test_series_loss_scale_floors_a_flat_context_by_the_future_distance():
     values = torch.tensor([[4.0, 4.0, 4.0, 4.0, 4.0, 14.0], [0.0, 2.0, 0.0, 2.0, 1.0, 1.0]])
     mask = torch.ones_like(values)
     _, mean, scale = instance_normalize(values[:, :4], mask[:, :4])
-    loss_scale = series_loss_scale(values, mask, mean, scale, context_points=4)
+    after_stats = normalize_window(values, mask, 4, patch_points=2).after_stats_BW
+    loss_scale = series_loss_scale(values, after_stats, mean, scale)
     assert loss_scale[0].item() == pytest.approx(SERIES_SCALE_FLOOR_FRACTION * math.sqrt(50.0), rel=1e-6)
     assert loss_scale[1].item() == pytest.approx(scale[1].item())
     # An unobserved future adds no floor.
     mask[0, 4:] = 0
-    assert series_loss_scale(values, mask, mean, scale, 4)[0].item() == pytest.approx(scale[0].item())
+    after_stats = normalize_window(values, mask, 4, patch_points=2).after_stats_BW
+    assert series_loss_scale(values, after_stats, mean, scale)[0].item() == pytest.approx(scale[0].item())
 
 
 def test_no_window_dominates_a_batch_under_series_scale():
@@ -252,4 +315,5 @@ def test_no_window_dominates_a_batch_under_series_scale():
     assert masked_mean(unfloored[:, 0], valid[:, 0]).item() > 1e3 * others
     # Ordinary windows keep their context scale: the floor changes nothing for them.
     _, mean, scale = instance_normalize(values[1:, :context], mask[1:, :context])
-    assert torch.equal(series_loss_scale(values[1:], mask[1:], mean, scale, context), scale.view(-1))
+    after_stats = normalize_window(values[1:], mask[1:], context, p).after_stats_BW
+    assert torch.equal(series_loss_scale(values[1:], after_stats, mean, scale), scale.view(-1))

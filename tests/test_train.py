@@ -211,8 +211,16 @@ CRASHING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_losses(corpus_dir, tmp_path_factory):
+    """The losses of the BASE run without interruption (what every resumed run must reproduce)."""
+    reference = tmp_path_factory.mktemp("uninterrupted") / "run"
+    subprocess.run(_train_cmd(corpus_dir, reference), check=True, env=_env(), capture_output=True)
+    return _losses(reference)
+
+
 @pytest.mark.parametrize("mode", ["before_commit", "mid_write"])
-def test_kill_9_during_checkpoint_write_keeps_last_good(corpus_dir, tmp_path, mode):
+def test_kill_9_during_checkpoint_write_keeps_last_good(corpus_dir, uninterrupted_losses, tmp_path, mode):
     script = tmp_path / "crash.py"
     script.write_text(CRASHING_SAVE)
     run_dir = tmp_path / "run"
@@ -227,9 +235,7 @@ def test_kill_9_during_checkpoint_write_keeps_last_good(corpus_dir, tmp_path, mo
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stderr and "step_2 at step 2" in done.stderr
     assert not (run_dir / "checkpoints" / "step_4.tmp").exists()
-    reference = tmp_path / "ref"
-    subprocess.run(_train_cmd(corpus_dir, reference), check=True, env=_env(), capture_output=True)
-    assert _losses(run_dir) == _losses(reference)
+    assert _losses(run_dir) == uninterrupted_losses
 
 
 def test_sigusr1_saves_and_exits_with_requeue_code(corpus_dir, tmp_path):

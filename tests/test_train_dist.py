@@ -38,13 +38,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def train(run_dir: Path, corpus: Path, nproc: int, sets: list[str], max_steps: int | None = None,
-          stderr: list[str] | None = None) -> dict[int, float]:
+def train(run_dir: Path, corpus: Path, nproc: int, sets: list[str], stderr: list[str] | None = None) -> dict[int, float]:
     args = ["--config", str(CONFIGS_DIR / "tiny.yaml"), "--run-dir", str(run_dir), "--no-eval"]
     for item in COMMON + [f"data.corpus_dir={corpus}", *sets]:
         args += ["--set", item]
-    if max_steps is not None:
-        args += ["--max-steps", str(max_steps)]
     if nproc == 1:
         cmd = [sys.executable, "-m", "timers1.cli", "train", *args]
     else:
@@ -62,10 +59,20 @@ def train(run_dir: Path, corpus: Path, nproc: int, sets: list[str], max_steps: i
     return losses
 
 
+def _interrupted_copy(origin: Path, run_dir: Path, step: int) -> None:
+    """``run_dir`` as a run of ``origin``'s config stopped after ``step``: its checkpoint, config
+    and metrics up to it (what the run had on disk then: every step is deterministic)."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(origin / "checkpoints" / f"step_{step}", run_dir / "checkpoints" / f"step_{step}")
+    shutil.copy(origin / "config.yaml", run_dir / "config.yaml")
+    lines = [ln for ln in (origin / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
+
+
 def test_two_ranks_with_expert_parallel_resume_exactly(long_corpus, tmp_path):
     sets = ["parallel.ep=2", "train.steps=4", "checkpoint.save_interval_steps=2"]
     straight = train(tmp_path / "straight", long_corpus, 2, sets)
-    train(tmp_path / "resumed", long_corpus, 2, sets, max_steps=2)
+    _interrupted_copy(tmp_path / "straight", tmp_path / "resumed", step=2)
     resumed = train(tmp_path / "resumed", long_corpus, 2, sets)
     assert sorted(straight) == [1, 2, 3, 4]
     assert resumed == straight  # identical floats: same layout restores streams and RNG exactly
@@ -79,11 +86,9 @@ def test_checkpoint_reshards_to_other_layouts(long_corpus, tmp_path):
     assert step2.is_dir()
     for name, nproc, sets in (("single", 1, []), ("tp2", 2, ["parallel.tp=2"])):
         run_dir = tmp_path / name
-        (run_dir / "checkpoints").mkdir(parents=True)
-        shutil.copytree(step2, run_dir / "checkpoints" / "step_2")
-        shutil.copy(origin / "config.yaml", run_dir / "config.yaml")
+        _interrupted_copy(origin, run_dir, step=2)
         resumed = train(run_dir, long_corpus, nproc, ["train.steps=3", "checkpoint.save_interval_steps=2", *sets])
-        assert list(resumed) == [3]
+        assert sorted(resumed) == [1, 2, 3]
         assert abs(resumed[3] - uninterrupted[3]) <= 1e-6, (name, resumed[3], uninterrupted[3])
         assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [2, 3]
 
@@ -92,19 +97,21 @@ DP2 = "dp_replicate=1 dp_shard=2 tp=1 pp=1 ep=1"
 TP2 = "dp_replicate=1 dp_shard=1 tp=2 pp=1 ep=1"
 
 
-@pytest.mark.parametrize("saved, resumed", [("dp2", "tp2"), ("tp2", "dp2")])
-def test_same_world_size_other_layout_is_resharded(long_corpus, tmp_path, saved, resumed):
+def test_same_world_size_other_layout_is_resharded(long_corpus, tmp_path):
     """Issue 14.7: 2 ranks at dp2 and 2 ranks at tp2 are different layouts (each rank's data
-    stream differs): the resume says so, reshards, and continues the uninterrupted losses."""
+    stream differs): the resume says so, reshards, and continues the uninterrupted losses. Both
+    directions; each resumes from the other layout's uninterrupted run as it stood at step 2."""
     sets = {"dp2": [], "tp2": ["parallel.tp=2"]}
     names = {"dp2": DP2, "tp2": TP2}
-    run_dir = tmp_path / "run"
     common = ["train.steps=3", "checkpoint.save_interval_steps=2"]
-    uninterrupted = train(tmp_path / "straight", long_corpus, 2, common + sets[saved])
-    train(run_dir, long_corpus, 2, common + sets[saved], max_steps=2)
-    log: list[str] = []
-    losses = train(run_dir, long_corpus, 2, common + sets[resumed], stderr=log)
-    assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} at step 2; resharding from {names[saved]} " \
-           f"to {names[resumed]}" in log[0], log[0][-3000:]
-    assert sorted(losses) == [1, 2, 3]  # each step once in metrics.jsonl
-    assert abs(losses[3] - uninterrupted[3]) <= 1e-6, (losses[3], uninterrupted[3])
+    uninterrupted = {saved: train(tmp_path / f"straight_{saved}", long_corpus, 2, common + sets[saved])
+                     for saved in sets}
+    for saved, resumed in (("dp2", "tp2"), ("tp2", "dp2")):
+        run_dir = tmp_path / f"{saved}_to_{resumed}"
+        _interrupted_copy(tmp_path / f"straight_{saved}", run_dir, step=2)
+        log: list[str] = []
+        losses = train(run_dir, long_corpus, 2, common + sets[resumed], stderr=log)
+        assert f"resumed from {run_dir / 'checkpoints' / 'step_2'} at step 2; resharding from {names[saved]} " \
+               f"to {names[resumed]}" in log[0], log[0][-3000:]
+        assert sorted(losses) == [1, 2, 3]  # each step once in metrics.jsonl
+        assert abs(losses[3] - uninterrupted[saved][3]) <= 1e-6, (saved, losses[3], uninterrupted[saved][3])

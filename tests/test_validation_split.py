@@ -231,22 +231,65 @@ def test_resume_with_validation_is_exact(corpus_dir, tmp_path):
     assert {r["step"]: r["val_loss"] for r in _records(tmp_path / "b") if "val_loss" in r and r["step"] != 3} == scores
 
 
+TWO_RANK_SETS = ["train.steps=4", "eval.val_interval_steps=2", "eval.val_windows=48", "eval.val_batch_size=16",
+                 "model.dropout=0.0", "data.resample_probability=0.0"]
+
+
+def _val_scores(run_dir):
+    return {r["step"]: r["val_loss"] for r in _records(run_dir) if "val_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def one_process_val_scores(corpus_dir, tmp_path_factory):
+    from tests.test_train_dist import train
+
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    train(run_dir, corpus_dir, 1, TWO_RANK_SETS)
+    return _val_scores(run_dir)
+
+
 @pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.pp=2", "parallel.pp_microbatches=2"]],
                          ids=["dp2", "pp2"])
-def test_two_ranks_score_what_one_process_scores(corpus_dir, tmp_path, layout):
+def test_two_ranks_score_what_one_process_scores(corpus_dir, one_process_val_scores, tmp_path, layout):
     """Data parallel: each rank scores half of every validation batch, the engine sums the
     reports; pipeline parallel: the schedule's forward-only pass. Both match one process."""
     from tests.test_train_dist import train
 
-    sets = ["train.steps=4", "eval.val_interval_steps=2", "eval.val_windows=48", "eval.val_batch_size=16",
-            "model.dropout=0.0", "data.resample_probability=0.0"]
-
-    def scores(run_dir):
-        return {r["step"]: r["val_loss"] for r in _records(run_dir) if "val_loss" in r}
-
-    train(tmp_path / "one", corpus_dir, 1, sets)
-    train(tmp_path / "two", corpus_dir, 2, sets + layout)
-    one, two = scores(tmp_path / "one"), scores(tmp_path / "two")
+    train(tmp_path / "two", corpus_dir, 2, TWO_RANK_SETS + layout)
+    one, two = one_process_val_scores, _val_scores(tmp_path / "two")
     assert sorted(one) == sorted(two) == [2, 4]
     for step in one:
         assert math.isfinite(two[step]) and two[step] == pytest.approx(one[step], rel=1e-2)
+
+
+def test_validation_scores_each_window_as_the_forecast_would(tiny_config):
+    """forward_only's loss is the loss of the inference path's own forecast (whole-context
+    statistics, the quantiles after the last patch), whatever prefix the training objective uses."""
+    import torch
+
+    from timers1.losses import SERIES_SCALE_FLOOR_FRACTION
+    from timers1.model import build_model, instance_normalize
+    from timers1.parallel.engine import build_engine
+
+    cfg = tiny_config
+    cfg.train.wql_denominator, cfg.train.norm_prefix_min_fraction = "series_scale", 0.5
+    cfg.moe.aux_loss_coef = cfg.moe.z_loss_coef = 0.0
+    model = build_model(cfg.model, cfg.moe, seed=3).eval()
+    p, context, horizons = cfg.model.patch_points, cfg.data.context_points, cfg.model.num_stp_blocks + 1
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(3, context + horizons * p, generator=gen).cumsum(dim=-1) + 5.0
+    mask = torch.ones_like(values)
+    values[1, :40], mask[1, :40] = 0.0, 0.0  # two padded patches and a part-padded third
+    quantiles = torch.tensor(cfg.model.quantiles)
+    expected = []
+    for b, first in ((0, 0), (1, 32), (2, 0)):
+        series, observed = values[b:b + 1, first:context], mask[b:b + 1, first:context]
+        normed, mean, scale = instance_normalize(series, observed)
+        forecast = model.forecast_pass(normed, observed, horizons * p)[0] * scale + mean  # [Q, points]
+        future = values[b, context:]
+        loss_scale = max(scale.item(), SERIES_SCALE_FLOOR_FRACTION * (future - mean).pow(2).mean().sqrt().item())
+        error = future[None, :p] - forecast[:, :p]
+        pinball = torch.maximum(quantiles[:, None] * error, (quantiles[:, None] - 1) * error)
+        expected.append((2 * pinball.sum(dim=-1) / (p * loss_scale)).mean().item())
+    result = build_engine(model, cfg).forward_only(values, mask)
+    assert result.loss_floats["loss_ntp"] == pytest.approx(sum(expected) / 3, rel=1e-4)

@@ -158,8 +158,8 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables clipping."""
     stp_weighting: str = "uniform"
     """'uniform' (pre-training: 1/H sum_j) or 'inv_sqrt' (continued pre-training: 1/sqrt(j))."""
-    min_prefix_fraction: float = 0.0
-    """Score only positions whose observed prefix holds at least this fraction of the window's observed context (0 scores all): early positions see statistics of the whole window, a leak that teaches mean reversion (see timers1.losses)."""
+    norm_prefix_min_fraction: float = 0.0
+    """0: normalise each window over its whole context and score every position. f > 0: normalise over its first c observed context patches, c uniform in [f n, n], and score only positions from there on, so no scored position sees statistics of its future (the leak teaches a pull to the context mean; see timers1.losses)."""
     wql_denominator: str = "abs_target"
     """wQL denominator per patch: 'abs_target' (the paper: sum of |target|, floored) or 'series_scale' (points x the window's std: equal weight for series far from zero; see timers1.losses)."""
     optimizer: str = "adamw"
@@ -474,8 +474,8 @@ def validate(cfg: Config) -> Config:
     _require(0.0 <= t.wsd_decay_fraction <= 1.0, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in [0, 1]")
     _require(t.wql_denominator in ("abs_target", "series_scale"), "train.wql_denominator", t.wql_denominator,
              "expected 'abs_target' or 'series_scale'")
-    _require(0.0 <= t.min_prefix_fraction <= 1.0, "train.min_prefix_fraction", t.min_prefix_fraction,
-             "must be in [0, 1]")
+    _require(0.0 <= t.norm_prefix_min_fraction <= 1.0, "train.norm_prefix_min_fraction",
+             t.norm_prefix_min_fraction, "must be in [0, 1]")
     _require(t.stp_weighting in ("uniform", "inv_sqrt"), "train.stp_weighting", t.stp_weighting,
              "must be 'uniform' or 'inv_sqrt'")
     _require(t.optimizer in ("adamw", "deepspeed_cpu_adam"), "train.optimizer", t.optimizer,

@@ -8,14 +8,21 @@ Layout of a training window (values and mask, ``[B, W]`` points):
   from; see ``timers1.model.timer_s1.padding_masks``). A window of (N + H + 1)
   patches supervises every position at every horizon.
 
-Prefix fraction (``min_prefix_fraction``, 0 = off): the window is normalised with the statistics
-of its whole observed context, so an early position's input already encodes where the series
-goes later (its mean and spread): the model learns "revert towards the window mean" there. At
-inference a short series is normalised over exactly the points the model sees, and that lesson
-turns into a forecast pulled back to the context mean. Scoring only positions whose observed
-prefix covers at least this fraction of the window's observed context keeps the leak small;
-windows truncated by the loader (``data.truncate_probability``) then teach short contexts with
-their own statistics. (What it measured: README, results.)
+Normalisation prefix (``norm_prefix_min_fraction``, 0 = off): with it off, a window is
+normalised with the statistics of its whole observed context, as a forecast is. In training that
+leaks: every position but the last sees inputs normalised with the mean and spread of points it
+has not yet seen, so "the rest of the window brings the mean back to 0" is a lesson the loss
+rewards at every earlier position; at inference (prefix mean exactly 0) it turns into a forecast
+pulled back to the context mean, and trends are not carried forward. With the option on, each
+window is normalised with the statistics of its first c observed context patches only, c drawn
+uniformly in [ceil(fraction x n), n] for n observed patches, and only positions from the c-th
+observed patch on are scored: no scored position sees a statistic of its future. The position at
+the c-th patch is exactly the forecast situation; later ones are those of an autoregressive
+rollout (generated patches normalised with the context's statistics). The draw is a function of
+the window's own values (``window_uniform``), so every pipeline stage and tensor-parallel rank
+recomputes it without another tensor in flight, and a resumed or re-laid-out run draws the same.
+Validation scores the forecast situation alone (fraction 1: statistics of the whole context,
+the last position only) whatever the training option, so runs with and without it compare.
 
 Per-patch loss (paper 3.3), on de-normalized values:
   ``wQL_q = 2 * sum_t pinball_q(x_t, xhat_t) / denom``, averaged over the Q quantiles, where
@@ -69,28 +76,81 @@ from dataclasses import dataclass, field
 import torch
 
 from timers1.model import instance_normalize
+from timers1.model.timer_s1 import observed_patches
 from timers1.model.moe import RouterRecord
 
 WQL_DENOMINATOR_FLOOR = 0.1
 SERIES_SCALE_FLOOR_FRACTION = 0.2
 
 
-def series_loss_scale(values_BW: torch.Tensor, mask_BW: torch.Tensor, mean_B1: torch.Tensor, scale_B1: torch.Tensor,
-                      context_points: int) -> torch.Tensor:
+def window_uniform(values_BW: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float in [0, 1): a draw that is a function of each window's values alone.
+
+    Integer arithmetic on the float32 bit patterns, so every device and rank that holds the same
+    window computes the same number (module docstring: why not the loader's generator).
+    """
+    bits_BW = values_BW.float().contiguous().view(torch.int32).to(torch.int64)
+    position_W = torch.arange(1, values_BW.shape[1] + 1, device=values_BW.device, dtype=torch.int64)
+    # |bits| < 2^31 and positions < 2^20: the sum of a window of < 2^12 points stays in int64.
+    hashed_B = torch.remainder((bits_BW * position_W).sum(dim=-1), _HASH_PRIME)
+    hashed_B = torch.remainder(hashed_B * 48271 + 11, _HASH_PRIME)
+    return hashed_B.to(torch.float64) / _HASH_PRIME
+
+
+_HASH_PRIME = 2_147_483_647
+
+
+@dataclass
+class NormalizedWindow:
+    """How one batch of windows is normalised and which of its positions the loss scores."""
+
+    context_BL: torch.Tensor
+    """The normalised context (padding exactly 0): the model's input."""
+    mean_B1: torch.Tensor
+    scale_B1: torch.Tensor
+    """Statistics of the normalisation prefix (std + 1e-5, as ``instance_normalize``)."""
+    scored_BN: torch.Tensor | None
+    """bool: positions the loss may score (None: every position with an observed input)."""
+    after_stats_BW: torch.Tensor
+    """Observed points past the normalisation prefix, context and targets (the loss floor's 'future')."""
+
+
+def normalize_window(values_BW: torch.Tensor, mask_BW: torch.Tensor, context_points: int, patch_points: int,
+                     prefix_min_fraction: float = 0.0) -> NormalizedWindow:
+    """Normalise each window's context with the statistics of its normalisation prefix (module docstring)."""
+    context_BL, context_mask_BL = values_BW[:, :context_points], mask_BW[:, :context_points]
+    if prefix_min_fraction <= 0:
+        normed_BL, mean_B1, scale_B1 = instance_normalize(context_BL, context_mask_BL)
+        after_BW = torch.cat([torch.zeros_like(context_mask_BL), mask_BW[:, context_points:]], dim=1)
+        return NormalizedWindow(normed_BL, mean_B1, scale_B1, None, after_BW)
+    prefix_BN = observed_patches(context_mask_BL, patch_points).to(torch.int64).cumsum(dim=-1)
+    observed_B1 = prefix_BN[:, -1:]
+    lowest_B1 = torch.ceil(prefix_min_fraction * observed_B1.to(torch.float64)).to(torch.int64).clamp_min(1)
+    choices_B1 = (observed_B1 - lowest_B1 + 1).clamp_min(1)
+    drawn_B1 = lowest_B1 + (window_uniform(values_BW).view(-1, 1) * choices_B1).to(torch.int64)
+    stats_patches_B1 = torch.minimum(drawn_B1, observed_B1)
+    in_stats_BL = (prefix_BN <= stats_patches_B1).repeat_interleave(patch_points, dim=1).to(context_mask_BL.dtype)
+    _, mean_B1, scale_B1 = instance_normalize(context_BL, context_mask_BL * in_stats_BL)
+    normed_BL = (context_BL - mean_B1) / scale_B1 * context_mask_BL.to(context_BL.dtype)
+    after_BW = torch.cat([context_mask_BL * (1 - in_stats_BL), mask_BW[:, context_points:]], dim=1)
+    return NormalizedWindow(normed_BL, mean_B1, scale_B1, prefix_BN >= stats_patches_B1, after_BW)
+
+
+def series_loss_scale(values_BW: torch.Tensor, after_stats_BW: torch.Tensor, mean_B1: torch.Tensor,
+                      scale_B1: torch.Tensor) -> torch.Tensor:
     """``[B]``: the ``series_scale`` denominator's scale, ``max(s, fraction * r)`` (module docstring)."""
-    future_BF, observed_BF = values_BW[:, context_points:], mask_BW[:, context_points:].to(values_BW.dtype)
-    squared_B = ((future_BF - mean_B1) ** 2 * observed_BF).sum(dim=-1)
-    rms_B = (squared_B / observed_BF.sum(dim=-1).clamp_min(1.0)).sqrt()
+    after_BW = after_stats_BW.to(values_BW.dtype)
+    squared_B = ((values_BW - mean_B1) ** 2 * after_BW).sum(dim=-1)
+    rms_B = (squared_B / after_BW.sum(dim=-1).clamp_min(1.0)).sqrt()
     return torch.maximum(scale_B1.view(-1), SERIES_SCALE_FLOOR_FRACTION * rms_B)
 
 
 def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points: int, context_patches: int,
-                   num_horizons: int, min_prefix_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_horizons: int, scored_BN: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets and their mask ``[B, J, N, P]`` for J horizons (j = 0 main stack, then STP).
 
     The mask is 0 for padding, for targets past the window, for every target of a position
-    whose input patch is pure padding, and for positions whose observed prefix holds fewer than
-    ``min_prefix_fraction`` of the window's observed context patches (module docstring).
+    whose input patch is pure padding, and for positions outside ``scored_BN`` when given.
     """
     batch, width = values_BW.shape
     if width % patch_points:
@@ -105,12 +165,10 @@ def target_patches(values_BW: torch.Tensor, mask_BW: torch.Tensor, patch_points:
     idx = torch.arange(context_patches, device=values_BW.device)
     gather = (idx[None, :] + 1 + torch.arange(num_horizons, device=values_BW.device)[:, None])  # [J, N]
     # A position whose own input patch is pure padding has nothing to predict from: skip it.
-    input_observed_BN = masks[:, :context_patches].amax(dim=-1) > 0
-    scored_BN = input_observed_BN
-    if min_prefix_fraction > 0:
-        prefix_BN = input_observed_BN.to(torch.int64).cumsum(dim=-1)
-        scored_BN = scored_BN & (prefix_BN >= min_prefix_fraction * prefix_BN[:, -1:])
-    return patches[:, gather], masks[:, gather] * scored_BN[:, None, :, None].to(masks.dtype)
+    scored = masks[:, :context_patches].amax(dim=-1) > 0
+    if scored_BN is not None:
+        scored = scored & scored_BN
+    return patches[:, gather], masks[:, gather] * scored[:, None, :, None].to(masks.dtype)
 
 
 WQL_DENOMINATORS = ("abs_target", "series_scale")
@@ -170,7 +228,7 @@ class LossConfig:
     """MoE blocks in the whole model (L + H): router losses are averaged over them."""
     stp_weighting: str = "uniform"
     wql_denominator: str = "abs_target"
-    min_prefix_fraction: float = 0.0
+    norm_prefix_min_fraction: float = 0.0
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
 
@@ -183,7 +241,7 @@ class LossConfig:
     def from_config(cls, cfg) -> "LossConfig":
         m, t = cfg.model, cfg.train
         return cls(tuple(m.quantiles), m.patch_points, cfg.data.context_points, m.num_stp_blocks,
-                   m.num_layers + m.num_stp_blocks, t.stp_weighting, t.wql_denominator, t.min_prefix_fraction,
+                   m.num_layers + m.num_stp_blocks, t.stp_weighting, t.wql_denominator, t.norm_prefix_min_fraction,
                    cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
 
     def horizon_weight(self, j: int) -> float:
@@ -246,13 +304,14 @@ def stage_loss(out, values_BW: torch.Tensor, mask_BW: torch.Tensor, cfg: LossCon
     report = torch.zeros(cfg.report_size, dtype=torch.float64, device=values_BW.device)
     objective = values_BW.new_zeros((), dtype=torch.float32)
     if out.predictions:
-        context = cfg.context_points
-        _, mean_B1, scale_B1 = instance_normalize(values_BW[:, :context], mask_BW[:, :context])
-        denominator_scale_B = (series_loss_scale(values_BW, mask_BW, mean_B1, scale_B1, context)
-                               if cfg.wql_denominator == "series_scale" else scale_B1.view(-1))
-        pred_BJNQP = torch.stack(out.predictions, dim=1) * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
+        window = normalize_window(values_BW, mask_BW, cfg.context_points, cfg.patch_points,
+                                  cfg.norm_prefix_min_fraction)
+        mean_B11111, scale_B11111 = window.mean_B1.view(-1, 1, 1, 1, 1), window.scale_B1.view(-1, 1, 1, 1, 1)
+        denominator_scale_B = (series_loss_scale(values_BW, window.after_stats_BW, window.mean_B1, window.scale_B1)
+                               if cfg.wql_denominator == "series_scale" else window.scale_B1.view(-1))
+        pred_BJNQP = torch.stack(out.predictions, dim=1) * scale_B11111 + mean_B11111
         target, target_mask = target_patches(values_BW, mask_BW, cfg.patch_points, pred_BJNQP.shape[2],
-                                             max(out.horizons) + 1, cfg.min_prefix_fraction)
+                                             max(out.horizons) + 1, window.scored_BN)
         # A model or stage predicts consecutive horizons: its targets are a slice.
         scored = slice(out.horizons[0], out.horizons[-1] + 1)
         wql_BJN, valid_BJN = weighted_quantile_loss(

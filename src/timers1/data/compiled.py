@@ -53,12 +53,57 @@ COMPILED_FORMAT = "megatron-core IndexedDataset, float32"
 
 
 def _megatron_indexed_dataset():
-    """megatron-core's reader and writer, imported on first use (it pulls in ~4 s of modules)
-    without its warnings about Transformer Engine and Apex, which it does not need here."""
+    """megatron-core's reader and writer, imported on first use, without its warnings about
+    Transformer Engine and Apex (it does not need them here) and without ``megatron.core``'s
+    package ``__init__``: that imports all of megatron (tensor parallelism, transformer layers,
+    ``torch.compile`` of fused kernels, which loads dynamo and inductor), ~5 s of CPU in every
+    training process and rank, for one module that needs only ``parallel_state`` and ``utils``.
+    The packages stand in as bare namespaces for the import and are removed after it, so a
+    later ``import megatron.core`` (``bench gpu``'s peer) runs the real one; if megatron's
+    layout ever defeats this, the plain import is the fallback."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
-    return indexed_dataset
+        try:
+            return _import_without_package_init("megatron.core", ("megatron.core.parallel_state",
+                                                                  "megatron.core.datasets.indexed_dataset"))
+        except ImportError:
+            from megatron.core.datasets import indexed_dataset
+            return indexed_dataset
+
+
+def _import_without_package_init(package: str, modules: tuple[str, ...]):
+    """Import ``modules`` (in order) with ``package`` and its subpackages on their path as bare
+    modules, unless ``package`` is already imported; returns the last module."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    if package in sys.modules:
+        return importlib.import_module(modules[-1])
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{package} is not installed")
+    root = list(spec.submodule_search_locations)[0]
+    parents = {m.rsplit(".", 1)[0] for m in modules}
+    stand_ins = {}
+    for name in sorted(parents | {package}):
+        module = types.ModuleType(name)
+        module.__path__ = [os.path.join(root, *name.split(".")[len(package.split(".")):])]
+        stand_ins[name] = sys.modules[name] = module
+    loaded_before = set(sys.modules)
+    try:
+        for name in modules:
+            module = importlib.import_module(name)
+        return module
+    except Exception as exc:
+        for name in set(sys.modules) - loaded_before:  # half-imported megatron modules
+            del sys.modules[name]
+        raise ImportError(f"{modules[-1]} without {package}'s __init__: {exc}") from exc
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 class _Codes:

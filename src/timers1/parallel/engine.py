@@ -2,7 +2,7 @@
 
     engine = build_engine(model, cfg, world_size, device)   # split (PP) -> TP -> EP -> AC -> FSDP
     result = engine.forward_backward(values_BW, mask_BW, grad_scale=1 / grad_accum)  # StepResult
-    result = engine.forward_only(values_BW, mask_BW)   # the same losses, eval mode, no gradients
+    result = engine.forward_only(values_BW, mask_BW)   # forecast-protocol losses, eval mode, no gradients
     grad_norm = engine.clip_grad_norm(max_norm)
     engine.model_parts                                       # for the optimizer and DCP
 
@@ -33,8 +33,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from timers1.config import Config
-from timers1.losses import LossConfig, LossParts, LossShare, stage_loss
-from timers1.model.timer_s1 import TimerS1, init_weights, instance_normalize
+from timers1.losses import LossConfig, LossParts, LossShare, normalize_window, stage_loss
+from timers1.model.timer_s1 import TimerS1, init_weights
 from timers1.parallel.dims import LayoutError, ParallelDims
 from timers1.parallel.parallelize import parallelize
 from timers1.parallel.pipeline import build_schedule, make_stage, split_units
@@ -91,8 +91,9 @@ class _StageHooks:
         context = self.engine.loss_cfg.context_points
         context_mask = mask_BW[:, :context]
         if self.is_first:
-            normed, _, _ = instance_normalize(values_BW[:, :context], context_mask)
-            return normed, context_mask
+            cfg = self.engine.loss_cfg
+            window = normalize_window(values_BW, mask_BW, context, cfg.patch_points, cfg.norm_prefix_min_fraction)
+            return window.context_BL, context_mask
         h, h0 = (activations + [None])[:2]
         return self.engine.sequence_sharded(h), context_mask, self.engine.sequence_sharded(h0)
 
@@ -180,11 +181,18 @@ class Engine:
         return self._run(values_BW, mask_BW, grad_scale, backward=True)
 
     def forward_only(self, values_BW: torch.Tensor, mask_BW: torch.Tensor) -> StepResult:
-        """The loss parts of this rank's batch in eval mode (no dropout), without gradients: the
-        training objective on held-out windows. Collective like ``forward_backward``: every rank
-        of the layout calls it the same number of times."""
-        with torch.no_grad():
-            return self._run(values_BW, mask_BW, 1.0, backward=False)
+        """The loss parts of this rank's batch in eval mode (no dropout), without gradients, scored
+        as a forecast is made: each window normalised over its whole context, only its last
+        position scored (``timers1.losses``: the training option's prefixes do not apply here).
+        Collective like ``forward_backward``: every rank of the layout calls it the same number
+        of times."""
+        training_cfg = self.loss_cfg
+        self.loss_cfg = replace(training_cfg, norm_prefix_min_fraction=1.0)
+        try:
+            with torch.no_grad():
+                return self._run(values_BW, mask_BW, 1.0, backward=False)
+        finally:
+            self.loss_cfg = training_cfg
 
     def _run(self, values_BW: torch.Tensor, mask_BW: torch.Tensor, grad_scale: float, backward: bool) -> StepResult:
         context = self.loss_cfg.context_points
