@@ -78,3 +78,17 @@ def test_bad_override_is_blamed_on_set_not_on_the_file(capsys, monkeypatch):
     monkeypatch.setenv("TIMERS1_DEBUG", "1")  # the traceback, for a bug report
     with pytest.raises(ConfigError):
         main(["params", "--config", str(CONFIGS_DIR / "tiny.yaml"), "--set", "train.steps=abc"])
+
+
+def test_retired_fields_of_older_runs_load_only_when_inert(tmp_path):
+    # Run directories written before train.min_prefix_fraction was retired hold it at 0.0 (off):
+    # their configs (and so their checkpoints) still load. Any other value asked for behaviour
+    # that no longer exists, and says what replaced it.
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  min_prefix_fraction: 0.0\nmodel:\n  max_position_embeddings: 4096\n")
+    assert load_config(path).train.norm_prefix_min_fraction == 0.0
+    path.write_text("train:\n  min_prefix_fraction: 0.5\n")
+    with pytest.raises(ConfigError, match="train.min_prefix_fraction: 0.5 is no longer supported.*"
+                                          "norm_prefix_min_fraction replaced it") as err:
+        load_config(path)
+    assert err.value.field == "train.min_prefix_fraction"

@@ -291,10 +291,27 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp}", field=path)
 
 
-# Fields that older run directories may still hold; read and ignored so their checkpoints load.
-RETIRED_FIELDS = {
-    "model.max_position_embeddings",  # RoPE tables are computed per call; only the HF format keeps it
+# Fields that older run directories may still hold: read and ignored so their checkpoints load,
+# as long as they hold a value that meant what the code now does (None: any value).
+RETIRED_FIELDS: dict[str, tuple[Any, str]] = {
+    # RoPE tables are computed per call; only the HF format keeps it.
+    "model.max_position_embeddings": (None, ""),
+    "train.min_prefix_fraction": (0.0, "it scored late positions but still normalised them with the whole "
+                                       "window's statistics; train.norm_prefix_min_fraction replaced it"),
 }
+
+
+def _drop_retired(data: dict[str, Any], path: str) -> dict[str, Any]:
+    kept = {}
+    for key, value in data.items():
+        field = f"{path}.{key}"
+        if field not in RETIRED_FIELDS:
+            kept[key] = value
+            continue
+        inert, why = RETIRED_FIELDS[field]
+        if inert is not None and value != inert:
+            raise ConfigError(f"{field}: {value!r} is no longer supported ({why}); remove it", field=field)
+    return kept
 
 
 def _build(cls: type, data: dict[str, Any], path: str) -> Any:
@@ -302,7 +319,7 @@ def _build(cls: type, data: dict[str, Any], path: str) -> Any:
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}", field=path or None)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    data = {k: v for k, v in data.items() if f"{path}.{k}" not in RETIRED_FIELDS}
+    data = _drop_retired(data, path)
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
