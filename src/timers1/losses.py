@@ -91,7 +91,7 @@ def window_uniform(values_BW: torch.Tensor) -> torch.Tensor:
     """
     bits_BW = values_BW.float().contiguous().view(torch.int32).to(torch.int64)
     position_W = torch.arange(1, values_BW.shape[1] + 1, device=values_BW.device, dtype=torch.int64)
-    # |bits| < 2^31 and positions < 2^20: the sum of a window of < 2^12 points stays in int64.
+    # |bits| < 2^31 and positions <= W: the sum is below 2^31 W^2, inside int64 for W < 2^16.
     hashed_B = torch.remainder((bits_BW * position_W).sum(dim=-1), _HASH_PRIME)
     hashed_B = torch.remainder(hashed_B * 48271 + 11, _HASH_PRIME)
     return hashed_B.to(torch.float64) / _HASH_PRIME

@@ -97,8 +97,9 @@ def _import_without_package_init(package: str, modules: tuple[str, ...]):
             module = importlib.import_module(name)
         return module
     except Exception as exc:
-        for name in set(sys.modules) - loaded_before:  # half-imported megatron modules
-            del sys.modules[name]
+        for name in set(sys.modules) - loaded_before:  # this package's half-imported modules
+            if name.startswith(package + "."):
+                del sys.modules[name]
         raise ImportError(f"{modules[-1]} without {package}'s __init__: {exc}") from exc
     finally:
         for name, module in stand_ins.items():
