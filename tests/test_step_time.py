@@ -278,6 +278,7 @@ def test_calibration_from_a_bench_plan_line_is_for_the_cpu_profile_only(tmp_path
     lines = tmp_path / "plan.jsonl"
     lines.write_text(json.dumps({"bench": "plan", "profile": "cpu_gloo", "calibration": {
         "peak_tflops": 0.07, "memory_gb_s": 20.0, "other_fraction": 0.6,
+        "link": {"alpha_s": 2.5e-4, "bandwidth_B_s": 1.5e9},
         "host_overhead_ms": {"step_s": 80.0, "sharded_s": 100.0, "ep_s": 0.0, "tp_s": 175.0, "update_s": 5.0,
                              "sharded_update_s": 30.0}}}) + "\n")
     from timers1.parallel.step_time import calibrate
@@ -286,5 +287,7 @@ def test_calibration_from_a_bench_plan_line_is_for_the_cpu_profile_only(tmp_path
     assert list(cpu.host.__dict__.values()) == pytest.approx([0.08, 0.1, 0.0, 0.175, 0.005, 0.03])
     assert (cpu.peak_tflops, cpu.memory_gb_s, cpu.other_fraction) == (0.07, 20.0, 0.6)
     assert "measured, plan.jsonl:1" in cpu.figures_used()["host_overhead"]
+    assert cpu.intra == cpu.inter == Link(2.5e-4, 1.5e9)
+    assert cpu.sources["link"] == "measured, plan.jsonl:1 (bench plan): alpha 250 us, 1.50 GB/s"
     gpu = calibrate(cluster_profile("h100_sxm"), [lines], cfg)
     assert gpu == cluster_profile("h100_sxm") and gpu.host == HostOverhead()

@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                       "link": profile.sources["link"],
                       "one_rank_steps": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(one_rank).items()},
                       "calibration": {"peak_tflops": profile.peak_tflops, "memory_gb_s": profile.memory_gb_s,
-                                      "other_fraction": profile.other_fraction,
+                                      "other_fraction": profile.other_fraction, "link": asdict(profile.intra),
                                       "host_overhead_ms": {k: v * 1e3 for k, v in asdict(profile.host).items()}}}),
           flush=True)
     results = []

@@ -170,6 +170,9 @@ class ClusterProfile:
             out[name] = f"{getattr(self, name):g} ({self.sources.get(name, 'profile ' + self.name)})"
         host = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.host.__dict__.items())
         out["host_overhead"] = f"{host} ({self.sources.get('host', 'profile ' + self.name)})"
+        links = "; ".join(f"{name} alpha {link.alpha_s * 1e6:g} us, {link.bandwidth_B_s / 1e9:g} GB/s"
+                          for name, link in (("intra", self.intra), ("inter", self.inter)))
+        out["links"] = f"{links} ({self.sources.get('link', 'profile ' + self.name)})"
         return out
 
 
@@ -531,7 +534,8 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
       * ``bench dispatch`` lines -> alltoall_efficiency = the alpha-beta prediction for that
         shape at efficiency 1 over the measured dispatch + combine time (median over lines);
       * ``bench plan``'s first line (CPU profile only) -> peak_tflops, memory_gb_s,
-        other_fraction and the host overhead its one-rank steps measured (``calibrate_host``).
+        other_fraction, the host overhead its one-rank steps measured (``calibrate_host``) and
+        the loopback link it measured (alpha, bandwidth: both link classes, one machine).
     """
     on_gpu = profile.backend == "nccl"
     values, sources = {}, dict(profile.sources)
@@ -566,6 +570,10 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
                               other_fraction=cal["other_fraction"],
                               host=HostOverhead(**{k: v * 1e-3 for k, v in cal["host_overhead_ms"].items()}))
                 sources.update({k: f"measured, {where}" for k in ("peak_tflops", "memory_gb_s", "other_fraction", "host")})
+                if "link" in cal:  # bench plan lines from before it recorded the link have none
+                    values["intra"] = values["inter"] = Link(**cal["link"])
+                    sources["link"] = (f"measured, {where}: alpha {cal['link']['alpha_s'] * 1e6:.0f} us, "
+                                       f"{cal['link']['bandwidth_B_s'] / 1e9:.2f} GB/s")
             elif bench == "dispatch" and (rec.get("backend") == profile.backend):
                 dispatch.append((rec, where))
     out = replace(profile, **{k: v for k, v in values.items() if not k.startswith("_")}, sources=sources)
