@@ -288,6 +288,7 @@ def test_calibration_from_a_bench_plan_line_is_for_the_cpu_profile_only(tmp_path
     assert (cpu.peak_tflops, cpu.memory_gb_s, cpu.other_fraction) == (0.07, 20.0, 0.6)
     assert "measured, plan.jsonl:1" in cpu.figures_used()["host_overhead"]
     assert cpu.intra == cpu.inter == Link(2.5e-4, 1.5e9)
-    assert cpu.sources["link"] == "measured, plan.jsonl:1 (bench plan): alpha 250 us, 1.50 GB/s"
+    assert cpu.figures_used()["links"] == ("intra alpha 250 us, 1.5 GB/s; inter alpha 250 us, 1.5 GB/s "
+                                           "(measured, plan.jsonl:1 (bench plan))")
     gpu = calibrate(cluster_profile("h100_sxm"), [lines], cfg)
     assert gpu == cluster_profile("h100_sxm") and gpu.host == HostOverhead()

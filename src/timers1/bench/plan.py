@@ -231,7 +231,7 @@ def measured_profile(args):
     here = "measured in this run"
     profile = replace(profile, peak_tflops=tflops, memory_gb_s=gbs, intra=link, inter=link,
                       sources={"peak_tflops": f"{here} (fp32, 1 thread)", "memory_gb_s": f"{here} (memcpy)",
-                               "link": f"{here}: alpha {alpha * 1e6:.0f} us, {bandwidth / 1e9:.2f} GB/s"})
+                               "link": f"{here} (2-rank all-gathers, two sizes)"})
     # The one-rank steps ran at their own peak: the host figures and the slope hold at that speed.
     full, half, times, peak = spawn(_one_rank_steps, 1, args, {})
     steps = OneRankSteps(full, half, **times)
@@ -247,7 +247,6 @@ def run(args: argparse.Namespace) -> int:
 
     profile, one_rank = measured_profile(args)
     print(json.dumps({"bench": "plan", "profile": profile.name, "figures": profile.figures_used(),
-                      "link": profile.sources["link"],
                       "one_rank_steps": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(one_rank).items()},
                       "calibration": {"peak_tflops": profile.peak_tflops, "memory_gb_s": profile.memory_gb_s,
                                       "other_fraction": profile.other_fraction, "link": asdict(profile.intra),

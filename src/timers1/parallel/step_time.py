@@ -572,8 +572,7 @@ def calibrate(profile: ClusterProfile, paths: list[str | Path], cfg: Config | No
                 sources.update({k: f"measured, {where}" for k in ("peak_tflops", "memory_gb_s", "other_fraction", "host")})
                 if "link" in cal:  # bench plan lines from before it recorded the link have none
                     values["intra"] = values["inter"] = Link(**cal["link"])
-                    sources["link"] = (f"measured, {where}: alpha {cal['link']['alpha_s'] * 1e6:.0f} us, "
-                                       f"{cal['link']['bandwidth_B_s'] / 1e9:.2f} GB/s")
+                    sources["link"] = f"measured, {where}"
             elif bench == "dispatch" and (rec.get("backend") == profile.backend):
                 dispatch.append((rec, where))
     out = replace(profile, **{k: v for k, v in values.items() if not k.startswith("_")}, sources=sources)
