@@ -45,6 +45,12 @@ def test_bad_values_name_field_and_value(override, message):
         load_config(CONFIGS_DIR / "tiny.yaml", [override])
 
 
+def test_compile_is_refused_with_tensor_parallelism():
+    assert load_config(CONFIGS_DIR / "tiny.yaml", ["train.compile=true"]).train.compile is True
+    with pytest.raises(ConfigError, match=r"train.compile=True: not supported with parallel.tp=2"):
+        load_config(CONFIGS_DIR / "tiny.yaml", ["train.compile=true", "parallel.tp=2"])
+
+
 def test_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hidden_size: -3\n")

@@ -317,3 +317,23 @@ def test_no_window_dominates_a_batch_under_series_scale():
     _, mean, scale = instance_normalize(values[1:, :context], mask[1:, :context])
     after_stats = normalize_window(values[1:], mask[1:], context, p).after_stats_BW
     assert torch.equal(series_loss_scale(values[1:], after_stats, mean, scale), scale.view(-1))
+
+
+def test_compiled_loss_matches_eager_values_and_gradients():
+    """``train.compile`` scores through torch.compile: same numbers, same gradient."""
+    from timers1.losses import compiled_loss, denormalized_quantile_loss
+
+    torch.manual_seed(0)
+    pred = torch.randn(3, 2, 4, 9, 5, requires_grad=True)
+    mean, scale = torch.randn(3, 1), torch.rand(3, 1) + 0.5
+    target, mask = torch.randn(3, 2, 4, 5) * 2, (torch.rand(3, 2, 4, 5) > 0.2).float()
+    results = []
+    for fn in (denormalized_quantile_loss, compiled_loss()):
+        wql, valid = fn(pred, mean, scale, target, mask, Q9, scale.view(-1) * 1.5, "series_scale")
+        (grad,) = torch.autograd.grad((wql * valid).sum(), pred)
+        results.append((wql.detach(), valid, grad))
+    (wql_e, valid_e, grad_e), (wql_c, valid_c, grad_c) = results
+    assert torch.equal(valid_e, valid_c)
+    assert torch.allclose(wql_e, wql_c, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad_e, grad_c, rtol=1e-5, atol=1e-7)
+    assert grad_e.abs().sum() > 0

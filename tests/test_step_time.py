@@ -3,6 +3,7 @@ costs, a ranking that only depends on the layouts, and layouts that do not fit n
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 
@@ -175,12 +176,12 @@ def test_sync_wait_is_paid_per_collective_call():
 
 def test_bench_plan_layouts_are_valid_for_its_config():
     """Every layout `timers1 bench plan` runs is one the engine accepts, and gets a prediction."""
-    from timers1.bench.plan import LAYOUTS
+    from timers1.bench.plan import LAYOUTS, _config
 
     profile = cluster_profile("cpu_gloo")
     worlds = set()
     for name, (world, overrides) in LAYOUTS.items():
-        cfg = load_config(CONFIGS_DIR / "small_cpu.yaml", [f"parallel.{k}={v}" for k, v in overrides.items()])
+        cfg = _config(argparse.Namespace(config=CONFIGS_DIR / "small_cpu.yaml", set=[]), overrides)
         dims = ParallelDims.from_config(cfg.parallel, world)
         m = cfg.model
         dims.check_model(cfg.moe.num_experts, m.num_heads, m.hidden_size, m.num_layers + m.num_stp_blocks,

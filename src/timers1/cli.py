@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         from timers1.train.faults import PreemptionSignals
 
         signals = PreemptionSignals().__enter__()
+    from timers1.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.signals = signals

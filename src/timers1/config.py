@@ -166,6 +166,8 @@ class TrainConfig:
     """'adamw' (torch) or 'deepspeed_cpu_adam' (host-offloaded states)."""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
+    compile: bool = False
+    """torch.compile each block's attention and the quantile loss (fuses their elementwise work; a few seconds at start-up; needs a C++ compiler on CPU). Not with parallel.tp > 1."""
     max_nonfinite_steps_in_row: int = 5
     """Abort after this many consecutive skipped steps, the last with a non-finite loss or gradient norm."""
     spike_factor: float = 0.0
@@ -499,6 +501,9 @@ def validate(cfg: Config) -> Config:
              "must be 'adamw' or 'deepspeed_cpu_adam'")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision,
              "must be 'auto', 'fp32' or 'bf16'")
+    _require(not (t.compile and p.tp > 1), "train.compile", t.compile,
+             f"not supported with parallel.tp={p.tp} (the compiled attention would trace DTensor activations, "
+             "which no test here covers); turn one of them off")
     _require(t.grad_clip_norm >= 0, "train.grad_clip_norm", t.grad_clip_norm, "must be >= 0")
     _require(t.max_nonfinite_steps_in_row >= 1, "train.max_nonfinite_steps_in_row",
              t.max_nonfinite_steps_in_row, "must be >= 1")

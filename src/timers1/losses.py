@@ -69,6 +69,7 @@ ranks' shares are summed, by DTensor or the expert mesh).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -198,6 +199,25 @@ def weighted_quantile_loss(pred_BJNQP: torch.Tensor, target_BJNP: torch.Tensor, 
     return (numer_BJNQ / denom.unsqueeze(-1)).mean(dim=-1), observed > 0
 
 
+def denormalized_quantile_loss(pred_BJNQP: torch.Tensor, mean_B1: torch.Tensor, scale_B1: torch.Tensor,
+                               target_BJNP: torch.Tensor, mask_BJNP: torch.Tensor, quantiles: torch.Tensor,
+                               denominator_scale_B: torch.Tensor, denominator: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weighted_quantile_loss`` of normalised predictions brought back to each series' scale.
+
+    The part of ``stage_loss`` that works on [B, J, N, Q, P] tensors (ten times the size of any
+    activation of a small model), so it is the unit ``train.compile`` fuses (``compiled_loss``).
+    """
+    pred_BJNQP = pred_BJNQP * scale_B1.view(-1, 1, 1, 1, 1) + mean_B1.view(-1, 1, 1, 1, 1)
+    return weighted_quantile_loss(pred_BJNQP, target_BJNP, mask_BJNP, quantiles,
+                                  denominator_scale_B.to(pred_BJNQP.dtype), denominator)
+
+
+@functools.cache
+def compiled_loss() -> Callable:
+    """``denormalized_quantile_loss`` under torch.compile (built once per process)."""
+    return torch.compile(denormalized_quantile_loss)
+
+
 def stp_weights(num_stp: int, weighting: str) -> list[float]:
     """Weight of STP horizon j = 1..H inside ``(1/H) sum_j w_j L_j``: 1 (pre-training) or 1/sqrt(j) (CPT)."""
     if weighting == "uniform":
@@ -231,6 +251,8 @@ class LossConfig:
     norm_prefix_min_fraction: float = 0.0
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    compile: bool = False
+    """Score through ``compiled_loss`` (``train.compile``)."""
 
     def __post_init__(self) -> None:
         if self.wql_denominator not in WQL_DENOMINATORS:
@@ -242,7 +264,7 @@ class LossConfig:
         m, t = cfg.model, cfg.train
         return cls(tuple(m.quantiles), m.patch_points, cfg.data.context_points, m.num_stp_blocks,
                    m.num_layers + m.num_stp_blocks, t.stp_weighting, t.wql_denominator, t.norm_prefix_min_fraction,
-                   cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
+                   cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef, t.compile)
 
     def horizon_weight(self, j: int) -> float:
         """Weight of horizon j in the objective: 1 for NTP, w_j / H for STP block j."""
@@ -306,18 +328,20 @@ def stage_loss(out, values_BW: torch.Tensor, mask_BW: torch.Tensor, cfg: LossCon
     if out.predictions:
         window = normalize_window(values_BW, mask_BW, cfg.context_points, cfg.patch_points,
                                   cfg.norm_prefix_min_fraction)
-        mean_B11111, scale_B11111 = window.mean_B1.view(-1, 1, 1, 1, 1), window.scale_B1.view(-1, 1, 1, 1, 1)
         denominator_scale_B = (series_loss_scale(values_BW, window.after_stats_BW, window.mean_B1, window.scale_B1)
                                if cfg.wql_denominator == "series_scale" else window.scale_B1.view(-1))
-        pred_BJNQP = torch.stack(out.predictions, dim=1) * scale_B11111 + mean_B11111
+        pred_BJNQP = torch.stack(out.predictions, dim=1)
         target, target_mask = target_patches(values_BW, mask_BW, cfg.patch_points, pred_BJNQP.shape[2],
                                              max(out.horizons) + 1, window.scored_BN)
         # A model or stage predicts consecutive horizons: its targets are a slice.
         scored = slice(out.horizons[0], out.horizons[-1] + 1)
-        wql_BJN, valid_BJN = weighted_quantile_loss(
-            pred_BJNQP, target[:, scored].to(pred_BJNQP.dtype), target_mask[:, scored].to(pred_BJNQP.dtype),
-            torch.tensor(cfg.quantiles, device=values_BW.device), denominator_scale_B.to(pred_BJNQP.dtype),
-            cfg.wql_denominator)
+        # The dtype the de-normalised predictions get (fp32 statistics promote bf16 predictions).
+        loss_dtype = torch.promote_types(pred_BJNQP.dtype, window.scale_B1.dtype)
+        loss_fn = compiled_loss() if cfg.compile else denormalized_quantile_loss
+        wql_BJN, valid_BJN = loss_fn(
+            pred_BJNQP, window.mean_B1, window.scale_B1, target[:, scored].to(loss_dtype),
+            target_mask[:, scored].to(loss_dtype), torch.tensor(cfg.quantiles, device=values_BW.device),
+            denominator_scale_B, cfg.wql_denominator)
         for i, j in enumerate(out.horizons):
             loss_j = masked_mean(wql_BJN[:, i], valid_BJN[:, i])
             objective = objective + cfg.horizon_weight(j) * loss_j

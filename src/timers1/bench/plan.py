@@ -60,8 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _config(args, overrides: dict, sets: tuple = ()):
     from timers1.config import load_config
 
-    return load_config(args.config, [*args.set, "model.dropout=0.0", "moe.kernel_backend=torch", *sets,
-                                     *(f"parallel.{k}={v}" for k, v in overrides.items())])
+    # Eager everywhere: compile is refused with tp > 1, and the comparison is between layouts.
+    return load_config(args.config, [*args.set, "model.dropout=0.0", "moe.kernel_backend=torch", "train.compile=false",
+                                     *sets, *(f"parallel.{k}={v}" for k, v in overrides.items())])
 
 
 def _timed_steps(rank: int, world: int, port: int, args, overrides: dict, queue) -> None:

@@ -2,7 +2,8 @@
 
 MFU's denominator is the dense matmul peak measured in the same run (best of several) on the same
 device and dtype (fp32 on CPU), so the ratio says how much of what this machine can do the whole step
-(attention, routing, permutation, norms, optimizer) turns into model FLOPs.
+(attention, routing, permutation, norms, optimizer) turns into model FLOPs. Steps and peak
+measurements alternate in rounds (see ``run``), so the ratio holds on a machine whose speed drifts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import time
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/small_cpu.yaml", help="run config (model, moe, context, batch)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override, repeatable")
-    p.add_argument("--steps", type=int, default=10, help="measured steps (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps (after 2 warm-up steps), split over the rounds")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of steps, each followed by a peak measurement; MFU is the median of the rounds' ratios")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of the measured steps")
 
 
@@ -34,10 +37,12 @@ class TrainingRig:
     def __init__(self, cfg, device, seed: int = 0, world_size: int = 1, model=None):
         import torch
 
+        from timers1.host_memory import keep_freed_host_memory
         from timers1.model import build_model
         from timers1.parallel.engine import build_engine
         from timers1.train.optim import PartOptimizers
 
+        keep_freed_host_memory()  # the trainer's allocator behaviour, so the step measured is its step
         self.cfg, self.device = cfg, device
         self.model = model if model is not None else build_model(cfg.model, cfg.moe, device=device)
         self.engine = build_engine(self.model, cfg, world_size=world_size, device=device)
@@ -77,6 +82,7 @@ class TrainingRig:
 
 def run(args) -> int:
     import contextlib
+    import statistics
 
     import torch
 
@@ -85,6 +91,7 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rig = TrainingRig(cfg, device)
     values, mask = rig.windows()
 
@@ -95,26 +102,37 @@ def run(args) -> int:
 
     for _ in range(2):
         step()
-    profiler = contextlib.nullcontext()
-    if args.profile:
-        from torch.profiler import profile, tensorboard_trace_handler
+    # Steps and peak alternate: a shared machine's speed drifts by tens of percent over a minute
+    # (other tenants, clocks), and a step timed at one moment against a peak measured at another
+    # would carry that drift into MFU. Each round's MFU divides by the peak measured right after
+    # it; the medians over rounds are reported.
+    rounds = max(1, min(args.rounds, args.steps))
+    step_s, peaks = [], []
+    for r in range(rounds):
+        profiler = contextlib.nullcontext()
+        if args.profile and r == 0:
+            from torch.profiler import profile, tensorboard_trace_handler
 
-        profiler = profile(on_trace_ready=tensorboard_trace_handler(args.profile), record_shapes=True)
-    with profiler:
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        elapsed = (time.perf_counter() - started) / args.steps
-    peak = measure_peak_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    patches = rig.patches_per_step
+            profiler = profile(on_trace_ready=tensorboard_trace_handler(args.profile), record_shapes=True)
+        steps = args.steps // rounds + (r < args.steps % rounds)
+        with profiler:
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            step_s.append((time.perf_counter() - started) / steps)
+        peaks.append(measure_peak_tflops(device, dtype, trials=2))
     flops = rig.train_flops_per_step()
+    mfu_rounds = [flops / s / 1e12 / peak for s, peak in zip(step_s, peaks)]
+    elapsed, peak = statistics.median(step_s), statistics.median(peaks)
+    patches = rig.patches_per_step
     print(json.dumps({
         "bench": "train", "config": str(args.config), "device": str(device),
         "params": sum(p.numel() for p in rig.model.parameters()), "batch_windows": cfg.train.batch_size,
-        "context_points": cfg.data.context_points, "step_s": round(elapsed, 4), "steps_per_s": round(1 / elapsed, 3),
+        "context_points": cfg.data.context_points, "compile": cfg.train.compile,
+        "step_s": round(elapsed, 4), "steps_per_s": round(1 / elapsed, 3),
         "tokens_per_s": round(patches / elapsed), "points_per_s": round(patches * cfg.model.patch_points / elapsed),
         "model_tflops_per_s": round(flops / elapsed / 1e12, 5), "peak_tflops_measured": round(peak, 4),
-        "mfu": round(flops / elapsed / 1e12 / peak, 4),
+        "mfu": round(statistics.median(mfu_rounds), 4), "mfu_rounds": [round(m, 4) for m in mfu_rounds],
     }))
     return 0
 

@@ -333,7 +333,8 @@ def build_engine(model: TimerS1, cfg: Config, world_size: int = 1, device: torch
     parts = []
     for sid in stage_ids:
         part = make_stage(model, splits[sid], m.num_layers, copy_model=dims.pp > 1)
-        parallelize(part, dims, p, param_dtype=torch.bfloat16 if uses_bf16(cfg, device) else None)
+        parallelize(part, dims, p, param_dtype=torch.bfloat16 if uses_bf16(cfg, device) else None,
+                    compile_attention=cfg.train.compile)
         if on_meta:
             part.to_empty(device=device)
             init_weights(part, m.init_std)

@@ -1,9 +1,10 @@
-"""``parallelize(model, dims, parallel_cfg)``: TP -> EP -> activation checkpointing -> FSDP.
+"""``parallelize(model, dims, parallel_cfg)``: TP -> EP -> activation checkpointing -> compile -> FSDP.
 
 The order is fixed (as in torchtitan) because each step consumes the previous one's output:
 TP turns dense weights into DTensors on the tp mesh; EP turns expert weights into DTensors
 Shard(0) on the ep mesh; checkpointing must wrap the blocks before FSDP registers its hooks
-on them; FSDP then shards whatever DTensor (or plain) parameter it finds along dp and
+on them; compiled attention keeps its parameter names and runs inside FSDP's unsharded window
+(torchtitan compiles before FSDP for the same reason); FSDP then shards whatever DTensor (or plain) parameter it finds along dp and
 combines the meshes (FSDP x TP = 2-D, expert-FSDP x EP = 2-D, 3-D with HSDP).
 
 FSDP groups (one all-gather / reduce-scatter each): every block's experts (on the expert mesh
@@ -47,6 +48,21 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         checkpoint(module)
 
 
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every block's attention (``train.compile``).
+
+    Attention is the part of a block made of many small elementwise ops on [B, H, N, Dh]
+    (RoPE, QK-norm, the sigmoid gate) around its GEMMs, which inductor fuses into a few loops;
+    the MoE half already runs as hand-written kernels (and its per-expert split sizes would
+    break the graph). All blocks share one compiled graph: their parameters are graph inputs.
+    """
+    from timers1.model.attention import Attention
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.compile()
+
+
 def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     dp_mesh, expert_mesh = dims.mesh("dp"), dims.mesh("efsdp")
@@ -58,8 +74,9 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype | 
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, parallel_cfg, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Apply TP, EP, activation checkpointing and FSDP/HSDP in place; returns ``model``.
+def parallelize(model: nn.Module, dims: ParallelDims, parallel_cfg, param_dtype: torch.dtype | None = None,
+                compile_attention: bool = False) -> nn.Module:
+    """Apply TP, EP, activation checkpointing, compile and FSDP/HSDP in place; returns ``model``.
 
     One process (world size 1) gets activation checkpointing at most: its parameters stay plain
     tensors. Otherwise ``dims.build_meshes`` must have run and FSDP is always applied (a size-1
@@ -73,6 +90,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, parallel_cfg, param_dtype:
         apply_expert_parallel(model, dims.mesh("ep"), grad_factor=dims.tp / dims.ep)
     if parallel_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile_attention:
+        apply_compile(model)
     if dims.world_size > 1:
         # With PP each microbatch would re-gather the weights; keep them gathered for the step.
         apply_fsdp(model, dims, param_dtype, reshard_after_forward=dims.pp == 1)

@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from timers1 import rundir
 from timers1.config import Config, ConfigError, save_config
+from timers1.host_memory import keep_freed_host_memory
 from timers1.errors import CheckpointError, InputError, TrainingDiverged
 from timers1.model import build_model
 from timers1.model.flops import train_flops_per_patch
@@ -117,6 +118,7 @@ class Trainer:
         # `timers1 train` installs them even earlier and passes them in; they go at fit()'s end.
         self.signals = signals if signals is not None else PreemptionSignals().__enter__()
         self._own_signals = signals is None
+        keep_freed_host_memory()  # also for in-process users (tests, notebooks); see host_memory
         self.cfg = cfg
         self.device = init_device()
         self.rank, self.world_size = _world()
