@@ -203,3 +203,20 @@ def test_compiled_step_matches_eager(tiny_config):
     assert grads_compiled.keys() == grads_eager.keys()
     for name, grad in grads_eager.items():
         assert torch.allclose(grads_compiled[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_compile_falls_back_to_eager_without_a_cpp_compiler(tiny_config, monkeypatch, tmp_path):
+    from timers1.parallel import engine as engine_module
+
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, compile=True))
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no g++, c++ or clang++
+    monkeypatch.delenv("CXX", raising=False)
+    engine_module._cpu_compiler_missing.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler found"):
+            engine = engine_module.build_engine(_model(cfg), cfg)
+    finally:
+        engine_module._cpu_compiler_missing.cache_clear()
+    assert engine.loss_cfg.compile is False
+    attention = engine.model_parts[0].layers["0"].attention
+    assert attention._compiled_call_impl is None  # nn.Module.compile() sets it

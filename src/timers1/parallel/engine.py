@@ -25,6 +25,10 @@ shares each rank contributes).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import shutil
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,6 +70,23 @@ class AttachLoss(torch.autograd.Function):
     def backward(ctx, grad_x):
         shape, dtype, device = ctx.loss_meta
         return grad_x, torch.ones(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _cpu_compiler_missing() -> bool:
+    """No C++ compiler for inductor's CPU kernels on PATH (warned once per process)."""
+    missing = not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    if missing:
+        warnings.warn("train.compile: no C++ compiler found ($CXX, g++, c++ or clang++) for torch.compile's CPU "
+                      "kernels; training runs eager (install one, e.g. apt install g++, for faster steps)")
+    return missing
+
+
+def uses_compile(cfg: Config, device: torch.device) -> bool:
+    """``train.compile``, unless inductor could not build its CPU kernels here (no C++ compiler):
+    then eager steps with a warning, the same numbers a few percent slower, rather than a failure
+    at the first step of a run a user started on a bare machine."""
+    return cfg.train.compile and not (device.type == "cpu" and _cpu_compiler_missing())
 
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
@@ -129,7 +150,7 @@ class Engine:
         self.cfg = cfg
         self.device = device
         self.dp_rank, self.dp_size = dims.dp_rank, dims.dp
-        self.loss_cfg = LossConfig.from_config(cfg)
+        self.loss_cfg = replace(LossConfig.from_config(cfg), compile=uses_compile(cfg, device))
         batch_mesh = dims.mesh("batch") if dims.world_size > 1 else None
         self.share = LossShare(dp=dims.dp, tp=dims.tp, sum_over_batch_ranks=(
             self._sum_over(batch_mesh.get_group()) if batch_mesh is not None and batch_mesh.size() > 1 else None))
@@ -334,7 +355,7 @@ def build_engine(model: TimerS1, cfg: Config, world_size: int = 1, device: torch
     for sid in stage_ids:
         part = make_stage(model, splits[sid], m.num_layers, copy_model=dims.pp > 1)
         parallelize(part, dims, p, param_dtype=torch.bfloat16 if uses_bf16(cfg, device) else None,
-                    compile_attention=cfg.train.compile)
+                    compile_attention=uses_compile(cfg, device))
         if on_meta:
             part.to_empty(device=device)
             init_weights(part, m.init_std)
