@@ -120,7 +120,7 @@ def run(args) -> int:
             for _ in range(steps):
                 step()
             step_s.append((time.perf_counter() - started) / steps)
-        peaks.append(measure_peak_tflops(device, dtype, trials=2))
+        peaks.append(measure_peak_tflops(device, dtype))
     flops = rig.train_flops_per_step()
     mfu_rounds = [flops / s / 1e12 / peak for s, peak in zip(step_s, peaks)]
     elapsed, peak = statistics.median(step_s), statistics.median(peaks)
