@@ -50,8 +50,8 @@ import torch.distributed as dist
 
 from timers1 import rundir
 from timers1.config import Config, ConfigError, save_config
-from timers1.host_memory import keep_freed_host_memory
 from timers1.errors import CheckpointError, InputError, TrainingDiverged
+from timers1.host_memory import keep_freed_host_memory
 from timers1.model import build_model
 from timers1.model.flops import train_flops_per_patch
 from timers1.parallel.engine import build_engine, uses_bf16
