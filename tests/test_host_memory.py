@@ -31,7 +31,10 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 
 
 def _faults_per_step(keep: str) -> tuple[bool, float]:
-    env = dict(os.environ, TIMERS1_KEEP_FREED_MEMORY=keep)
+    # The baseline is glibc's own behaviour: no malloc settings or preloaded allocator of this shell.
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))}
+    env["TIMERS1_KEEP_FREED_MEMORY"] = keep
     out = subprocess.run([sys.executable, "-c", STEP_FAULTS], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied == "True", float(faults)

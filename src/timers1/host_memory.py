@@ -11,7 +11,9 @@ Raising the mmap and trim thresholds (and padding heap growth) lets the heap kee
 freed for the next step; resident memory then stays at the step's high-water mark, which it
 reaches every step anyway.
 
-glibc only (Linux); elsewhere, or when ``TIMERS1_KEEP_FREED_MEMORY=0``, nothing changes.
+glibc only (Linux); elsewhere, when ``TIMERS1_KEEP_FREED_MEMORY=0``, when the user tuned malloc
+already (``MALLOC_*_`` or ``GLIBC_TUNABLES``) or preloads another allocator (jemalloc, tcmalloc:
+``LD_PRELOAD``), nothing changes.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ _TOP_PAD_BYTES = 64 << 20
 _applied: bool | None = None
 
 
+def _malloc_chosen_by_user() -> bool:
+    env = os.environ
+    return (any(k.startswith("MALLOC_") and k.endswith("_") for k in env) or "malloc" in env.get("GLIBC_TUNABLES", "")
+            or any(name in env.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")))
+
+
 def keep_freed_host_memory() -> bool:
     """Tune this process's malloc as the module docstring says (idempotent); True if applied."""
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("TIMERS1_KEEP_FREED_MEMORY", "1") == "0":
+    if os.environ.get("TIMERS1_KEEP_FREED_MEMORY", "1") == "0" or _malloc_chosen_by_user():
         return False
     name = ctypes.util.find_library("c")
     try:

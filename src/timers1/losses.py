@@ -252,7 +252,8 @@ class LossConfig:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     compile: bool = False
-    """Score through ``compiled_loss`` (``train.compile``)."""
+    """Score through ``compiled_loss``: set by the engine from ``train.compile`` (``engine.uses_compile``
+    decides whether this machine can compile), never by ``from_config``."""
 
     def __post_init__(self) -> None:
         if self.wql_denominator not in WQL_DENOMINATORS:
@@ -264,7 +265,7 @@ class LossConfig:
         m, t = cfg.model, cfg.train
         return cls(tuple(m.quantiles), m.patch_points, cfg.data.context_points, m.num_stp_blocks,
                    m.num_layers + m.num_stp_blocks, t.stp_weighting, t.wql_denominator, t.norm_prefix_min_fraction,
-                   cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef, t.compile)
+                   cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
 
     def horizon_weight(self, j: int) -> float:
         """Weight of horizon j in the objective: 1 for NTP, w_j / H for STP block j."""

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="measured steps (after 2 warm-up steps), split over the rounds")
     p.add_argument("--rounds", type=int, default=5,
                    help="rounds of steps, each followed by a peak measurement; MFU is the median of the rounds' ratios")
-    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of the measured steps")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of the first round's steps")
 
 
 class TrainingRig:
@@ -128,7 +128,7 @@ def run(args) -> int:
     print(json.dumps({
         "bench": "train", "config": str(args.config), "device": str(device),
         "params": sum(p.numel() for p in rig.model.parameters()), "batch_windows": cfg.train.batch_size,
-        "context_points": cfg.data.context_points, "compile": cfg.train.compile,
+        "context_points": cfg.data.context_points, "compile": rig.engine.loss_cfg.compile,
         "step_s": round(elapsed, 4), "steps_per_s": round(1 / elapsed, 3),
         "tokens_per_s": round(patches / elapsed), "points_per_s": round(patches * cfg.model.patch_points / elapsed),
         "model_tflops_per_s": round(flops / elapsed / 1e12, 5), "peak_tflops_measured": round(peak, 4),

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, replace
 
@@ -74,11 +75,14 @@ class AttachLoss(torch.autograd.Function):
 
 @functools.cache
 def _cpu_compiler_missing() -> bool:
-    """No C++ compiler for inductor's CPU kernels on PATH (warned once per process)."""
-    missing = not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    """The C++ compiler inductor will call for CPU kernels ($CXX, else g++; clang++ on macOS) is not
+    on PATH (warned once per process)."""
+    compiler = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    missing = shutil.which(compiler) is None
     if missing:
-        warnings.warn("train.compile: no C++ compiler found ($CXX, g++, c++ or clang++) for torch.compile's CPU "
-                      "kernels; training runs eager (install one, e.g. apt install g++, for faster steps)")
+        warnings.warn(f"train.compile: no C++ compiler {compiler!r} on PATH for torch.compile's CPU kernels "
+                      f"(it uses $CXX, else {compiler}); training runs eager (install it, e.g. apt install g++, "
+                      f"for faster steps)")
     return missing
 
 
