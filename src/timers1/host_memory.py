@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 # mallopt parameters (malloc.h) and values. The mmap threshold is capped by glibc at 32 MiB
@@ -29,35 +30,27 @@ _MMAP_THRESHOLD_BYTES = 32 << 20
 _TRIM_THRESHOLD_BYTES = 1 << 30
 _TOP_PAD_BYTES = 64 << 20
 
-_applied: bool | None = None
-
-
 def _malloc_chosen_by_user() -> bool:
     env = os.environ
     return (any(k.startswith("MALLOC_") and k.endswith("_") for k in env) or "malloc" in env.get("GLIBC_TUNABLES", "")
             or any(name in env.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")))
 
 
+@functools.cache
 def keep_freed_host_memory() -> bool:
-    """Tune this process's malloc as the module docstring says (idempotent); True if applied."""
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
+    """Tune this process's malloc as the module docstring says (once per process); True if applied."""
     if os.environ.get("TIMERS1_KEEP_FREED_MEMORY", "1") == "0" or _malloc_chosen_by_user():
         return False
     name = ctypes.util.find_library("c")
+    if name is None:
+        return False
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): keep the platform's malloc
         return False
-    if mallopt is None:
-        return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = all(mallopt(param, value) == 1 for param, value in (
+    return all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES),
         (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES),
         (_M_TOP_PAD, _TOP_PAD_BYTES),
     ))
-    return _applied
