@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from timers1.config import load_config
+from timers1.config import ConfigError, load_config
 from timers1.data import (CorpusError, CorpusLoader, build_corpus, build_default_corpus, open_compiled,
-                          parse_build_config, read_corpus, validate_corpus, validation_windows)
+                          parse_build_config, read_corpus, cut_context, validate_corpus, validation_windows)
 from timers1.data.compiled import SPLIT_FILE
 from timers1.train import Trainer
 from tests.conftest import CONFIGS_DIR
@@ -181,6 +181,45 @@ def test_validation_windows_are_fixed(corpus_dir):
     taken = min(n, WINDOW_POINTS)
     assert np.array_equal(values_NW[0, WINDOW_POINTS - taken:], mapped.window(rows[0], n - taken, taken))
     assert mask_NW[0].sum() == taken
+
+
+def test_cut_context_keeps_the_last_points_of_longer_windows_only(corpus_dir):
+    values_NW, mask_NW = validation_windows(open_compiled(corpus_dir), WINDOW_POINTS, 40)
+    target = WINDOW_POINTS - 64
+    # Make one window short (20 context points observed): the cut to 32 must leave it out.
+    mask_NW[1, :WINDOW_POINTS - target - 20] = 0.0
+    values_NW[1, :WINDOW_POINTS - target - 20] = 0.0
+    observed = mask_NW[:, :WINDOW_POINTS - target].sum(axis=1)
+    cut_values, cut_mask = cut_context(values_NW, mask_NW, 32, target)
+    longer = np.flatnonzero(observed > 32)
+    assert 1 not in longer and len(cut_values) == len(longer) >= 30
+    keep = 32 + target
+    assert np.array_equal(cut_values[:, -keep:], values_NW[longer, -keep:])
+    assert np.array_equal(cut_mask[:, -keep:], mask_NW[longer, -keep:])
+    assert not cut_values[:, :-keep].any() and not cut_mask[:, :-keep].any()
+    assert (cut_mask[:, :WINDOW_POINTS - target].sum(axis=1) == 32).all()
+
+
+def test_short_context_views_join_validation(corpus_dir, tmp_path):
+    """val_loss is the mean of the full view and the cut ones; the full view scores what
+    validation without views scores, and training is the same either way."""
+    plain_sets = ["train.steps=4", "eval.val_interval_steps=2"]
+    viewed = Trainer(_cfg(corpus_dir, tmp_path / "v", plain_sets + ["eval.val_context_points=[32,16]"]),
+                     progress=False)
+    with_views = viewed.fit()
+    plain = Trainer(_cfg(corpus_dir, tmp_path / "p", plain_sets), progress=False).fit()
+    assert with_views.losses == plain.losses
+    plain_scores = _val_scores(tmp_path / "p")
+    for r in (r for r in _records(tmp_path / "v") if "val_loss" in r):
+        views = [r["val_loss_ctx64"], r["val_loss_ctx32"], r["val_loss_ctx16"]]
+        assert r["val_loss_ctx64"] == plain_scores[r["step"]]
+        assert r["val_loss"] == pytest.approx(sum(views) / 3, rel=1e-12)
+        assert len(set(views)) == 3  # the cuts ask something else of the model
+    full = len(validation_windows(open_compiled(corpus_dir), WINDOW_POINTS, 48)[0])
+    assert full < viewed.val_windows_distinct <= 3 * full
+    for bad in ("[64]", "[8]", "[32,32]"):
+        with pytest.raises(ConfigError, match="eval.val_context_points"):
+            _cfg(corpus_dir, tmp_path / "x", [f"eval.val_context_points={bad}"])
 
 
 def _cfg(corpus_dir, run_dir, extra=()):

@@ -216,6 +216,11 @@ class EvalConfig:
     val_windows: int = 256
     """Fixed validation windows (``timers1.data.loader.validation_windows``): the last
     context + horizon points of each held-out series first, then earlier windows of long ones."""
+    val_context_points: list[int] = field(default_factory=list)
+    """Also score the validation windows cut to their last N context points, one view per N
+    (``timers1.data.loader.cut_context``): short series meet a forecaster far more often than
+    the held-out series' full windows say. With views, ``val_loss`` (what picks the best step)
+    is the mean of the views' losses, the full one included, each logged as ``val_loss_ctx<N>``."""
     val_batch_size: int = 32
     """Validation windows per forward pass over all data-parallel ranks (split like
     train.batch_size; must be divisible by the data-parallel degree)."""
@@ -519,4 +524,10 @@ def validate(cfg: Config) -> Config:
     for name in ("val_interval_steps", "val_windows"):
         _require(getattr(cfg.eval, name) >= 0, f"eval.{name}", getattr(cfg.eval, name), "must be >= 0")
     _require(cfg.eval.val_batch_size >= 1, "eval.val_batch_size", cfg.eval.val_batch_size, "must be >= 1")
+    for n in cfg.eval.val_context_points:
+        _require(cfg.model.patch_points <= n < cfg.data.context_points, "eval.val_context_points", n,
+                 f"each must be at least one patch ({cfg.model.patch_points}) and shorter than "
+                 f"data.context_points ({cfg.data.context_points})")
+    _require(len(set(cfg.eval.val_context_points)) == len(cfg.eval.val_context_points), "eval.val_context_points",
+             cfg.eval.val_context_points, "lists a length twice")
     return cfg

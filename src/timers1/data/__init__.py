@@ -10,7 +10,8 @@ Public API (see each module's docstring for the details):
 - loader:     ``make_loader(data_cfg, corpus_dir, window_points, batch_size, rank, world_size)``
               -> ``CorpusLoader``: iterate for {'values', 'mask'} float32 [B, W];
               ``state_dict()`` / ``load_state_dict()`` resume exactly; it never draws a held-out
-              series; ``validation_windows(corpus, W, N)`` -> the fixed windows of those series
+              series; ``validation_windows(corpus, W, N)`` -> the fixed windows of those series,
+              ``cut_context`` -> the same windows with a short context
 - augment:    ``fourier_resample``, ``flip_sign``
 - ingest:     ``read_long``, ``read_wide``, ``series_hash``, ``EVAL_DATASET_NAMES``
 
@@ -31,6 +32,7 @@ _EXPORTS = {
     "EVAL_DATASET_NAMES": "ingest", "IngestError": "ingest", "read_long": "ingest", "read_wide": "ingest",
     "series_hash": "ingest",
     "CorpusLoader": "loader", "WindowSampler": "loader", "make_loader": "loader", "validation_windows": "loader",
+    "cut_context": "loader",
     "PreprocessConfig": "preprocess", "clean_series": "preprocess",
 }
 __all__ = sorted(_EXPORTS)

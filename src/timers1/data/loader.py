@@ -286,6 +286,21 @@ def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_wi
     return values, mask
 
 
+def cut_context(values_NW: np.ndarray, mask_NW: np.ndarray, context_points: int,
+                target_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The windows that observe more than ``context_points`` context points, cut to their last
+    ``context_points`` (and the ``target_points`` after them), the rest padded as a short series
+    is: the same forecasts asked from a short context, as short series (yearly, quarterly,
+    a few years of monthly data) ask them. Windows already that short are left out, not repeated."""
+    W = values_NW.shape[1]
+    keep = int(context_points) + int(target_points)
+    longer = mask_NW[:, : W - target_points].sum(axis=1) > context_points
+    values, mask = values_NW[longer].copy(), mask_NW[longer].copy()
+    values[:, : W - keep] = 0.0
+    mask[:, : W - keep] = 0.0
+    return values, mask
+
+
 class WindowDataset(IterableDataset):
     """One rank's endless batch stream, split over DataLoader workers (see the module doc)."""
 

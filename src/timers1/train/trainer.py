@@ -13,8 +13,9 @@ Order of a step (each rank):
 
 Validation (``eval.val_interval_steps`` > 0): every that many steps and at the last one, the
 fixed windows of the corpus's held-out series (``timers1.data.loader.validation_windows``;
-never trained on) are scored with the training objective in eval mode without gradients
-(``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join that step's metrics line,
+never trained on; with ``eval.val_context_points``, also the same windows cut to short contexts,
+``val_loss`` then being the mean over these views) are scored with the training objective in
+eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join that step's metrics line,
 with the best validation loss so far and its step, which ``<run_dir>/val_best.json`` also
 holds (with ``eval.val_keep_best``, that step's weights are kept for ``<run_dir>/model_best``).
 The RNG state is restored afterwards, so validating changes no training batch or draw.
@@ -193,16 +194,17 @@ class Trainer:
                            truncate_min_points=self.window_points - self.context_points + self.patch)
 
     def _build_validation(self) -> None:
-        """The fixed validation windows, padded cyclically to whole global batches of
-        ``eval.val_batch_size`` (so every rank runs the same number of forwards); none when
-        validation is off or the corpus holds out nothing."""
+        """The fixed validation views (the full windows, then each ``eval.val_context_points``
+        cut), each padded cyclically to whole global batches of ``eval.val_batch_size`` (so every
+        rank runs the same number of forwards); none when validation is off or the corpus holds
+        out nothing."""
         e = self.cfg.eval
-        self.val_values_NW = self.val_mask_NW = None
+        self.val_views: list[tuple[int, np.ndarray, np.ndarray]] = []  # (context points, values, mask)
         self.val_best: dict[str, Any] | None = None
         self.best_checkpoints: CheckpointManager | None = None
         if e.val_interval_steps <= 0 or e.val_windows <= 0:
             return
-        from timers1.data import validation_windows
+        from timers1.data import cut_context, validation_windows
 
         dp = self.engine.dp_size
         microbatches = self.cfg.parallel.pp_microbatches if self.cfg.parallel.pp > 1 else 1
@@ -217,34 +219,47 @@ class Trainer:
                       f"or with validation_fraction 0); eval.val_interval_steps={e.val_interval_steps} has "
                       f"nothing to score; rebuild the corpus to validate", file=sys.stderr, flush=True)
             return
-        num_batches = -(-len(values_NW) // e.val_batch_size)
-        self.val_windows_distinct = len(values_NW)
-        # np.resize repeats the windows from the first: the same padding at every evaluation.
-        self.val_values_NW = np.resize(values_NW, (num_batches * e.val_batch_size, self.window_points))
-        self.val_mask_NW = np.resize(mask_NW, self.val_values_NW.shape)
+        views = [(self.context_points, values_NW, mask_NW)]
+        target_points = self.window_points - self.context_points
+        views += [(n, *cut_context(values_NW, mask_NW, n, target_points)) for n in sorted(e.val_context_points)]
+        for context, values, mask in views:
+            if len(values) == 0:
+                continue  # no held-out window observes more than this context: nothing to cut
+            num_batches = -(-len(values) // e.val_batch_size)
+            # np.resize repeats the windows from the first: the same padding at every evaluation.
+            shape = (num_batches * e.val_batch_size, self.window_points)
+            self.val_views.append((context, np.resize(values, shape), np.resize(mask, shape)))
+        self.val_windows_distinct = sum(len(values) for _, values, _ in views)
         if e.val_keep_best:
             self.best_checkpoints = CheckpointManager(self.run_dir / BEST_CHECKPOINT_DIR, keep_last=1,
                                                       async_save=False)
 
-    def validate(self) -> dict[str, float]:
-        """The training loss parts on the validation windows, prefixed ``val_`` (the mean over
-        global batches; every rank gets the same numbers). Every rank scores a disjoint share of
-        each batch; the engine reduces the report as in training."""
-        started = time.perf_counter()
-        training_rng = rng_state()  # eval mode draws nothing today; this keeps it so
+    def _validate_view(self, values_NW: np.ndarray, mask_NW: np.ndarray) -> dict[str, float]:
+        """The training loss parts on one view: the mean over its global batches. Every rank
+        scores a disjoint share of each batch; the engine reduces the report as in training."""
         global_batch = self.cfg.eval.val_batch_size
         share = global_batch // self.engine.dp_size
         totals: dict[str, float] = {}
-        num_batches = len(self.val_values_NW) // global_batch
+        num_batches = len(values_NW) // global_batch
         for b in range(num_batches):
             first = b * global_batch + self.engine.dp_rank * share
             rows = slice(first, first + share)
-            result = self.engine.forward_only(torch.from_numpy(self.val_values_NW[rows]),
-                                              torch.from_numpy(self.val_mask_NW[rows]))
+            result = self.engine.forward_only(torch.from_numpy(values_NW[rows]), torch.from_numpy(mask_NW[rows]))
             for key, value in result.loss_floats.items():
                 totals[key] = totals.get(key, 0.0) + value / num_batches
+        return totals
+
+    def validate(self) -> dict[str, float]:
+        """The training loss parts on the validation views, prefixed ``val_``: each the mean over
+        the views (every rank gets the same numbers), and with more than one view each view's
+        loss as ``val_loss_ctx<N>``."""
+        started = time.perf_counter()
+        training_rng = rng_state()  # eval mode draws nothing today; this keeps it so
+        per_view = [(context, self._validate_view(values, mask)) for context, values, mask in self.val_views]
         set_rng_state(training_rng)
-        out = {f"val_{key}": value for key, value in totals.items()}
+        out = {f"val_{key}": sum(totals[key] for _, totals in per_view) / len(per_view) for key in per_view[0][1]}
+        if len(per_view) > 1:
+            out.update({f"val_loss_ctx{context}": totals["loss"] for context, totals in per_view})
         out["val_windows"] = self.val_windows_distinct
         out["val_seconds"] = time.perf_counter() - started
         return out
@@ -484,7 +499,7 @@ class Trainer:
         stopped = finished = False
         try:
             self.resume()
-            if self.val_values_NW is not None:
+            if self.val_views:
                 self._load_val_best()
             if self.rank == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -534,7 +549,7 @@ class Trainer:
                         **memory_stats(self.device),
                     })
                     val_every = self.cfg.eval.val_interval_steps
-                    validating = self.val_values_NW is not None and (self.step % val_every == 0 or self.step == stop_at)
+                    validating = bool(self.val_views) and (self.step % val_every == 0 or self.step == stop_at)
                     if validating:
                         self._record_validation(record)
                     if self.step % t.log_interval_steps == 0 or self.step == stop_at or not applied or validating:
