@@ -134,6 +134,12 @@ class TrainConfig:
 
     steps: int = 100000
     """Optimizer steps to run."""
+    time_budget_minutes: float = 0.0
+    """Wall-clock budget of the run (0: none): after ``time_budget_probe_steps`` steps the trainer
+    lowers ``steps`` (never raises it) so that training ends within this many minutes of its
+    start, validation included, re-estimating as it goes (``timers1.train.budget``)."""
+    time_budget_probe_steps: int = 50
+    """Steps timed before the first budget decision; inside the warmup, the schedule up to then is unchanged."""
     batch_size: int = 256
     """Global windows per optimizer step (across ranks and accumulation)."""
     grad_accum_steps: int = 1
@@ -509,6 +515,9 @@ def validate(cfg: Config) -> Config:
     _require(not (t.compile and p.tp > 1), "train.compile", t.compile,
              f"not supported with parallel.tp={p.tp} (the compiled attention would trace DTensor activations, "
              "which no test here covers); turn one of them off")
+    _require(t.time_budget_minutes >= 0 and math.isfinite(t.time_budget_minutes), "train.time_budget_minutes",
+             t.time_budget_minutes, "must be a finite number of minutes >= 0 (0: no budget)")
+    _require(t.time_budget_probe_steps >= 1, "train.time_budget_probe_steps", t.time_budget_probe_steps, "must be >= 1")
     _require(t.grad_clip_norm >= 0, "train.grad_clip_norm", t.grad_clip_norm, "must be >= 0")
     _require(t.max_nonfinite_steps_in_row >= 1, "train.max_nonfinite_steps_in_row",
              t.max_nonfinite_steps_in_row, "must be >= 1")

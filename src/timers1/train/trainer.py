@@ -56,6 +56,7 @@ from timers1.host_memory import keep_freed_host_memory
 from timers1.model import build_model
 from timers1.model.flops import train_flops_per_patch
 from timers1.parallel.engine import build_engine, uses_bf16
+from timers1.train.budget import TimeBudget
 from timers1.train.checkpoint import CheckpointManager, checkpoint_keys, rng_state, set_rng_state
 from timers1.train.faults import REQUEUE_EXIT_CODE, PreemptionSignals, StepGuard
 from timers1.train.metrics import MetricsLogger, PeakFlops, expert_load_stats, memory_stats
@@ -68,6 +69,9 @@ from timers1.train.optim import PartOptimizers
 # clears REQUEUE, and a STOP older than its signal handlers, at start.
 STOP_FILE = "STOP"
 REQUEUE_FILE = "REQUEUE"
+# What the time budget reads (tests replace it with a scripted clock).
+budget_clock = time.monotonic
+
 # The best validation loss so far ({"step", "val_loss", ...}) and, with eval.val_keep_best, the
 # checkpoint of its weights; checkpoints, not GIFT or any evaluation set, are chosen on these.
 VAL_BEST_FILE = "val_best.json"
@@ -124,6 +128,8 @@ class Trainer:
         self.device = init_device()
         self.rank, self.world_size = _world()
         self.run_dir = Path(cfg.train.run_dir)
+        # The budget's clock starts first: model build, corpus open and warm-up count against it.
+        self.budget = TimeBudget(cfg, self.run_dir, self.rank, clock=budget_clock) if cfg.train.time_budget_minutes else None
         self.profile_dir = profile_dir
         self.max_steps_this_run = max_steps_this_run
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -171,6 +177,9 @@ class Trainer:
         self.guard = StepGuard(t.max_nonfinite_steps_in_row, t.spike_factor, t.spike_window, t.max_spike_steps_in_row)
         # Control-plane flags travel on gloo even when training runs NCCL (no device sync).
         self._cpu_group = dist.new_group(backend="gloo") if _is_dist() else None
+        if self.budget is not None:
+            self.budget.group = self._cpu_group
+            self.budget.val_windows_per_train_batch = sum(len(v) for _, v, _ in self.val_views) / t.batch_size
         self.step = 0
         self._last_saved_step = -1
         # An interval save that is due but waits for weights that produced an applied step.
@@ -267,6 +276,8 @@ class Trainer:
     def _record_validation(self, record: dict[str, Any]) -> None:
         """Validate, keep the best (file, checkpoint) and add the numbers to this step's record."""
         scores = self.validate()
+        if self.budget is not None:
+            self.budget.validation_timed(scores["val_seconds"])
         val_loss = scores["val_loss"]
         if math.isfinite(val_loss) and (self.val_best is None or val_loss < self.val_best["val_loss"]):
             self.val_best = {"step": self.step, **{k: v for k, v in scores.items() if k.startswith("val_loss")}}
@@ -501,6 +512,8 @@ class Trainer:
             self.resume()
             if self.val_views:
                 self._load_val_best()
+            if self.budget is not None and self.step > 0:
+                self.budget.restore()
             if self.rank == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(self.cfg, rundir.config_file(self.run_dir))
@@ -519,6 +532,8 @@ class Trainer:
                 print(f"training steps {self.step + 1}-{stop_at} of {t.steps}, a line every {t.log_interval_steps} "
                       f"step(s); MFU against {self.peak.tflops:.3g} TFLOP/s ({self.peak.source} peak)",
                       file=sys.stderr, flush=True)
+            if self.budget is not None:
+                self.budget.start()
             with self._profiler() as profiler:
                 while True:
                     # Before every step, the first included: a signal during start-up stops here.
@@ -548,6 +563,17 @@ class Trainer:
                         "peak_source": self.peak.source,
                         **memory_stats(self.device),
                     })
+                    if self.budget is not None:
+                        steps, why = self.budget.after_step(self.step)
+                        if why is not None:
+                            stop_at = min(stop_at, steps)
+                            record["planned_steps"] = steps
+                            if self.rank == 0:
+                                save_config(self.cfg, rundir.config_file(self.run_dir))
+                                if bar is not None:
+                                    bar.total = steps
+                                    bar.refresh()
+                                print(why, file=sys.stderr, flush=True)
                     val_every = self.cfg.eval.val_interval_steps
                     validating = bool(self.val_views) and (self.step % val_every == 0 or self.step == stop_at)
                     if validating:
