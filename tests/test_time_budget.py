@@ -14,8 +14,8 @@ from timers1.train.budget import BUDGET_FILE, planned_steps
 from timers1.train.checkpoint import list_checkpoints
 from tests.test_train import corpus_dir, make_cfg  # noqa: F401  (the session corpus fixture)
 
-BUDGET = ["train.steps=200", "train.time_budget_minutes=0.5", "train.time_budget_probe_steps=4",
-          "checkpoint.save_interval_steps=10"]
+BUDGET = ["train.steps=200", "train.time_budget_minutes=0.2", "train.time_budget_probe_steps=4",
+          "checkpoint.save_interval_steps=5"]
 
 
 def test_planned_steps_by_hand():
@@ -52,36 +52,36 @@ def _records(run_dir):
 
 def test_budget_fits_the_step_count_and_the_schedule_follows(corpus_dir, tmp_path, monkeypatch):
     cfg = make_cfg(corpus_dir, tmp_path / "a", BUDGET)
-    # 1 s per step: at step 4, 5 s of 30 are spent -> 25 more steps.
+    # 1 s per step: at step 4, 5 s of 12 are spent -> 7 more steps.
     result = _fit(cfg, monkeypatch, lambda call: 1.0)
-    assert result.step == 29 and cfg.train.steps == 29
+    assert result.step == 11 and cfg.train.steps == 11
     recorded = json.loads((tmp_path / "a" / BUDGET_FILE).read_text())
-    assert recorded == {"budget_minutes": 0.5, "configured_steps": 200, "steps": 29, "decided_at_step": 4}
-    assert load_config(tmp_path / "a" / "config.yaml").train.steps == 29
-    # The cosine ran to its floor at step 29, not at the configured 200.
+    assert recorded == {"budget_minutes": 0.2, "configured_steps": 200, "steps": 11, "decided_at_step": 4}
+    assert load_config(tmp_path / "a" / "config.yaml").train.steps == 11
+    # The cosine ran to its floor at step 11, not at the configured 200.
     last = _records(tmp_path / "a")[-1]
-    assert last["step"] == 29 and last["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+    assert last["step"] == 11 and last["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
 
 
 def test_budget_stops_the_run_when_time_runs_out(corpus_dir, tmp_path, monkeypatch):
     cfg = make_cfg(corpus_dir, tmp_path / "a", BUDGET)
-    # Steps take 1 s up to the decision (29 steps planned), then 3 s: the clock reads 30 s at
-    # step 13, where the run stops, saved like a last step.
+    # Steps take 1 s up to the decision (11 steps planned), then 3 s: the clock reads 12 s at
+    # step 7, where the run stops, saved like a last step.
     result = _fit(cfg, monkeypatch, lambda call: 1.0 if call < 6 else 3.0)
-    assert result.step == 13 and not result.stopped_for_requeue and result.exit_code == 0
-    assert json.loads((tmp_path / "a" / BUDGET_FILE).read_text())["steps"] == 13
-    assert max(step for step, _ in list_checkpoints(tmp_path / "a" / "checkpoints")) == 13
+    assert result.step == 7 and not result.stopped_for_requeue and result.exit_code == 0
+    assert json.loads((tmp_path / "a" / BUDGET_FILE).read_text())["steps"] == 7
+    assert max(step for step, _ in list_checkpoints(tmp_path / "a" / "checkpoints")) == 7
 
 
 def test_resumed_run_keeps_the_recorded_count(corpus_dir, tmp_path, monkeypatch):
     straight = _fit(make_cfg(corpus_dir, tmp_path / "a", BUDGET), monkeypatch, lambda call: 1.0)
-    _fit(make_cfg(corpus_dir, tmp_path / "b", BUDGET), monkeypatch, lambda call: 1.0, max_steps_this_run=10)
+    _fit(make_cfg(corpus_dir, tmp_path / "b", BUDGET), monkeypatch, lambda call: 1.0, max_steps_this_run=6)
     # The second invocation's clock would allow far more steps (and its own would have run
     # out long ago): the recorded count decides, and the losses continue as if never stopped.
     cfg = make_cfg(corpus_dir, tmp_path / "b", BUDGET)
     resumed = _fit(cfg, monkeypatch, lambda call: 100.0)
-    assert resumed.step == straight.step == 29 and cfg.train.steps == 29
-    assert resumed.losses == straight.losses[10:]
+    assert resumed.step == straight.step == 11 and cfg.train.steps == 11
+    assert resumed.losses == straight.losses[6:]
 
 
 def test_budget_config_errors(corpus_dir, tmp_path):
@@ -97,7 +97,7 @@ def test_two_ranks_stop_together_within_the_budget(corpus_dir, tmp_path):
     from tests.test_train_dist import train
 
     losses = train(tmp_path / "two", corpus_dir, 2,
-                   ["parallel.dp_shard=2", "train.steps=100000", "train.time_budget_minutes=0.3",
+                   ["parallel.dp_shard=2", "train.steps=100000", "train.time_budget_minutes=0.15",
                     "train.time_budget_probe_steps=5", "eval.val_interval_steps=20", "eval.val_windows=16",
                     "eval.val_batch_size=8", "checkpoint.save_interval_steps=0"])
     recorded = json.loads((tmp_path / "two" / BUDGET_FILE).read_text())

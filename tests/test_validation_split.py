@@ -203,7 +203,7 @@ def test_cut_context_keeps_the_last_points_of_longer_windows_only(corpus_dir):
 def test_short_context_views_join_validation(corpus_dir, tmp_path):
     """val_loss is the mean of the full view and the cut ones; the full view scores what
     validation without views scores, and training is the same either way."""
-    plain_sets = ["train.steps=4", "eval.val_interval_steps=2"]
+    plain_sets = ["train.steps=2", "eval.val_interval_steps=2"]
     viewed = Trainer(_cfg(corpus_dir, tmp_path / "v", plain_sets + ["eval.val_context_points=[32,16]"]),
                      progress=False)
     with_views = viewed.fit()
