@@ -99,14 +99,14 @@ TP2 = "dp_replicate=1 dp_shard=1 tp=2 pp=1 ep=1"
 
 def test_same_world_size_other_layout_is_resharded(long_corpus, tmp_path):
     """Issue 14.7: 2 ranks at dp2 and 2 ranks at tp2 are different layouts (each rank's data
-    stream differs): the resume says so, reshards, and continues the uninterrupted losses. Both
-    directions; each resumes from the other layout's uninterrupted run as it stood at step 2."""
+    stream differs): the resume says so, reshards, and continues the uninterrupted losses. Saved
+    at tp2, resumed at dp2 from the tp2 run as it stood at step 2 (the data-parallel to
+    tensor-parallel direction is test_checkpoint_reshards_to_other_layouts')."""
     sets = {"dp2": [], "tp2": ["parallel.tp=2"]}
     names = {"dp2": DP2, "tp2": TP2}
     common = ["train.steps=3", "checkpoint.save_interval_steps=2"]
-    uninterrupted = {saved: train(tmp_path / f"straight_{saved}", long_corpus, 2, common + sets[saved])
-                     for saved in sets}
-    for saved, resumed in (("dp2", "tp2"), ("tp2", "dp2")):
+    uninterrupted = {"tp2": train(tmp_path / "straight_tp2", long_corpus, 2, common + sets["tp2"])}
+    for saved, resumed in (("tp2", "dp2"),):
         run_dir = tmp_path / f"{saved}_to_{resumed}"
         _interrupted_copy(tmp_path / f"straight_{saved}", run_dir, step=2)
         log: list[str] = []
