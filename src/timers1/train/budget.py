@@ -12,8 +12,8 @@ as with the final count from the start.
 The machine's speed drifts (10-30% within minutes here), so the estimate is repeated every
 ``RECHECK_STEPS`` steps from the recent step times and may lower the count again (a small kink
 in the cosine); if the budget runs out anyway, the run stops there, validated, checkpointed and
-exported as at its last step. The count is recorded in ``<run_dir>/time_budget.json``; a resumed run keeps
-the recorded count and does not re-time itself (its budget was the first invocation's).
+exported as at its last step. The count is recorded in ``<run_dir>/time_budget.json``; a resumed
+run keeps the recorded count and does not re-time itself (its budget was the first invocation's).
 
 Every rank takes the smallest count any rank computed, and stops when any rank is out of time
 (gloo all-reduces: one per step while a budget is timing, one per decision), so all stop together.

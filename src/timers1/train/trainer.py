@@ -15,9 +15,9 @@ Validation (``eval.val_interval_steps`` > 0): every that many steps and at the l
 fixed windows of the corpus's held-out series (``timers1.data.loader.validation_windows``;
 never trained on; with ``eval.val_context_points``, also the same windows cut to short contexts,
 ``val_loss`` then being the mean over these views) are scored with the training objective in
-eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join that step's metrics line,
-with the best validation loss so far and its step, which ``<run_dir>/val_best.json`` also
-holds (with ``eval.val_keep_best``, that step's weights are kept for ``<run_dir>/model_best``).
+eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join
+that step's metrics line, with the best validation loss so far and its step, which
+``<run_dir>/val_best.json`` also holds (with ``eval.val_keep_best``, that step's weights are kept for ``<run_dir>/model_best``).
 The RNG state is restored afterwards, so validating changes no training batch or draw.
 
 A checkpoint is never written from weights that produced a skipped step: the interval save
@@ -129,7 +129,8 @@ class Trainer:
         self.rank, self.world_size = _world()
         self.run_dir = Path(cfg.train.run_dir)
         # The budget's clock starts first: model build, corpus open and warm-up count against it.
-        self.budget = TimeBudget(cfg, self.run_dir, self.rank, clock=budget_clock) if cfg.train.time_budget_minutes else None
+        self.budget = (TimeBudget(cfg, self.run_dir, self.rank, clock=budget_clock)
+                       if cfg.train.time_budget_minutes else None)
         self.profile_dir = profile_dir
         self.max_steps_this_run = max_steps_this_run
         self.progress = sys.stderr.isatty() if progress is None else progress
