@@ -34,6 +34,15 @@ TMP_SUFFIX = ".tmp"
 TMP_STEP_GLOB = f"step_*{TMP_SUFFIX}"
 
 
+def write_json(path: Path, obj) -> None:
+    """Replace a run directory's small JSON file (val_best.json, time_budget.json) atomically: a
+    crash mid-write leaves the previous file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def step_dir_name(step: int) -> str:
     """``step_<N>``: the directory name of the checkpoint taken after step ``step``."""
     return f"step_{int(step)}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from timers1 import rundir
 
 BUDGET_FILE = "time_budget.json"
 RECHECK_STEPS = 250
@@ -138,9 +139,6 @@ class TimeBudget:
         before = self.train_cfg.steps
         self.train_cfg.steps = wanted
         if self.rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps({"budget_minutes": self.budget_s / 60, "configured_steps": self.cap,
-                                       "steps": wanted, "decided_at_step": step}, indent=1) + "\n")
-            os.replace(tmp, self.path)
+            rundir.write_json(self.path, {"budget_minutes": self.budget_s / 60, "configured_steps": self.cap,
+                                          "steps": wanted, "decided_at_step": step})
         return wanted, f"{why} -> train.steps {before} -> {wanted}"

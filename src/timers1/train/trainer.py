@@ -17,7 +17,8 @@ never trained on; with ``eval.val_context_points``, also the same windows cut to
 ``val_loss`` then being the mean over these views) are scored with the training objective in
 eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join
 that step's metrics line, with the best validation loss so far and its step, which
-``<run_dir>/val_best.json`` also holds (with ``eval.val_keep_best``, that step's weights are kept for ``<run_dir>/model_best``).
+``<run_dir>/val_best.json`` also holds (with ``eval.val_keep_best``, that step's weights are
+kept for ``<run_dir>/model_best``).
 The RNG state is restored afterwards, so validating changes no training batch or draw.
 
 A checkpoint is never written from weights that produced a skipped step: the interval save
@@ -289,10 +290,7 @@ class Trainer:
                         if step != self.step:
                             shutil.rmtree(path, ignore_errors=True)
             if self.rank == 0:
-                path = self.run_dir / VAL_BEST_FILE
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(json.dumps(self.val_best, indent=1) + "\n")
-                os.replace(tmp, path)
+                rundir.write_json(self.run_dir / VAL_BEST_FILE, self.val_best)
         record.update(scores)
         if self.val_best is not None:
             record["val_best_loss"], record["val_best_step"] = self.val_best["val_loss"], self.val_best["step"]
