@@ -22,6 +22,7 @@ from tests.test_data_loader import _same, _take
 
 W = 96
 AUGMENT = dict(flip_probability=0.3, resample_probability=0.3, truncate_probability=0.3, truncate_min_points=8,
+               mixup_probability=0.3,
                mixture_weights={"web": 0.5, "src1": 2.0})
 
 

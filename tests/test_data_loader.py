@@ -237,3 +237,59 @@ def test_truncation_is_part_of_the_resume_layout(corpus_dir):
         other.load_state_dict(old.state_dict())
     with pytest.raises(InputError, match="truncate_min_points"):
         WindowSampler(read_corpus(corpus_dir), W, truncate_min_points=W + 1)
+
+
+def test_mixup_rows_blend_standardised_windows_of_the_corpus(tmp_path):
+    rng = np.random.default_rng(3)
+    walks = [np.cumsum(rng.standard_normal(200)).astype(np.float32) for _ in range(6)]
+    write_corpus([SeriesRecord(f"w{i}", x, domain="web", source="walks") for i, x in enumerate(walks)], tmp_path)
+    corpus = read_corpus(tmp_path)
+    plain = WindowSampler(corpus, W, seed=2, flip_probability=0.3).sample(0, 200)
+    mixed = WindowSampler(corpus, W, seed=2, flip_probability=0.3, mixup_probability=0.5,
+                          mixup_max_series=2).sample(0, 200)
+    changed = ~np.all(plain.values == mixed.values, axis=1)
+    assert 0.35 < changed.mean() < 0.65
+    # The other draws are untouched; every series is longer than W, so nothing gets masked.
+    np.testing.assert_array_equal(mixed.series, plain.series)
+    np.testing.assert_array_equal(mixed.flipped, plain.flipped)
+    np.testing.assert_array_equal(mixed.mask, plain.mask)
+    np.testing.assert_array_equal(mixed.values[~changed], plain.values[~changed])
+
+    def z(x):
+        return (x - x.mean()) / x.std()
+
+    # Every standardised window of the corpus, flipped or not (the flip comes after the blend).
+    bank = np.stack([sign * z(x[a:a + W].astype(np.float64)) for x in walks for a in range(len(x) - W + 1)
+                     for sign in (1, -1)])
+    for i in np.flatnonzero(changed)[:25]:
+        x0 = plain.values[i].astype(np.float64)
+        # blend = mean0 + std0 (w z0 + (1 - w) z1): z1 is one window of the corpus, w in (0, 1).
+        d = (mixed.values[i] - x0.mean()) / x0.std() - z(x0)
+        towards = bank - z(x0)
+        share = towards @ d / (towards ** 2).sum(1).clip(1e-12)
+        residual = np.abs(d[None] - share[:, None] * towards).max(1)
+        best = int(np.argmin(residual))
+        assert residual[best] < 1e-3 and 0 < share[best] < 1
+
+
+def test_mixup_masks_where_a_part_is_unobserved_and_is_part_of_the_resume_layout(corpus_dir):
+    corpus = read_corpus(corpus_dir)
+    plain = WindowSampler(corpus, W, seed=4).sample(0, 300)
+    mixed = WindowSampler(corpus, W, seed=4, mixup_probability=1.0, mixup_max_series=3).sample(0, 300)
+    assert np.all(mixed.mask <= plain.mask) and (mixed.mask.sum() < plain.mask.sum())  # short partners pad
+    for row, m in zip(mixed.values, mixed.mask):
+        first = int(np.argmax(m)) if m.any() else W
+        assert np.all(m[:first] == 0) and np.all(m[first:] == 1) and np.all(row[:first] == 0)
+
+    old = CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3)
+    _take(old, 2)
+    resumed = CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3)
+    resumed.load_state_dict(old.state_dict())
+    _same(_take(resumed, 2), _take(old, 2))
+    # A state saved without mixup (as before it existed) resumes only with it off.
+    without = CorpusLoader(corpus_dir, W, 4, seed=0)
+    CorpusLoader(corpus_dir, W, 4, seed=0).load_state_dict(without.state_dict())
+    with pytest.raises(InputError, match="mixup_probability"):
+        CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3).load_state_dict(without.state_dict())
+    with pytest.raises(InputError, match="mixup_max_series"):
+        WindowSampler(corpus, W, mixup_probability=0.5, mixup_max_series=1)

@@ -50,6 +50,13 @@ def test_tiny_flops_and_bytes_by_hand():
     preds = [c for c in w.collectives if c.what == "tp" and c.nbytes == 4 * 16 * 9 * 16 * 4]
     assert len(preds) == 1 and preds[0].count == 3                                   # last main + 2 STP predict
     g = param_groups(cfg)
+    # Gradients of tp-replicated weights, one fp32 all-reduce each: per block 2 norms, 2 QK
+    # scales and the router; per STP block 3 norms and the projection; embedding and head 3
+    # linears with biases; the final norm.
+    assert (g.tensors["block_rep"], g.tensors["stp_extra"], g.tensors["embed"], g.tensors["head"]) == (5, 4, 6, 6)
+    rep = by["tp", "all_reduce"]
+    assert rep.count == 4 * 5 + 2 * 4 + 6 + 6 + 1 == 41
+    assert rep.nbytes * rep.count == (4 * g.block_rep + 2 * g.stp_extra + g.embed + g.head + g.norm) * 4
     dense_params = 4 * (g.block_tp / 2 + g.block_rep) + 2 * g.stp_extra
     fsdp = [c for c in w.collectives if c.what == "fsdp"]
     # One gather per unit (4 blocks), forward + backward; a unit's average bytes each.
@@ -215,9 +222,10 @@ def test_one_rank_steps_fit_gives_the_exact_intercept_and_slope():
     # The single-rank step it predicts at the full batch is the line it was fitted to.
     single = predict_step(load_config(CONFIGS_DIR / "tiny.yaml", ["train.batch_size=32"]), ParallelDims(world_size=1), p)
     assert single.step_time_s == pytest.approx(0.1 + 32 * slope) and single.host_s == pytest.approx(0.1 - optimizer_s)
-    # A pipeline rank (4 microbatches, 2 of the 4 units) dispatches its forward + backward ops once per microbatch.
+    # A pipeline rank (4 microbatches, 2 of the 4 units) dispatches its forward + backward ops once
+    # per microbatch; FSDP gathers and syncs its units once per step.
     pp = predict_step(cfg, ParallelDims(dp_shard=1, pp=2, world_size=2), p)
-    assert pp.host_s == pytest.approx(0.5 * (4 * (0.06 + 0.14) + (0.04 - optimizer_s + 0.06)))
+    assert pp.host_s == pytest.approx(0.5 * (4 * 0.06 + 0.14 + (0.04 - optimizer_s + 0.06)))
     # Noise that makes a wrapping look cheaper than the plain step counts as no overhead.
     noisy = calibrate_host(_profile(peak_tflops=1e-3), cfg, OneRankSteps(32, 16, 1.0, 0.6, 0.5, 0.7, 0.6), "here")
     assert (noisy.host.sharded_s, noisy.host.ep_s, noisy.host.tp_s) == pytest.approx((0.0, 0.2, 0.0))
@@ -236,8 +244,8 @@ def test_host_overhead_per_layout_and_ranks_beyond_cores_share_them():
     assert host_part(dp_shard=2, world_size=2) == pytest.approx(0.3)                  # + FSDP hooks, foreach AdamW
     assert host_part(dp_shard=2, ep=2, world_size=2) == pytest.approx(0.35)           # + EP DTensors
     assert host_part(dp_shard=1, tp=2, world_size=2) == pytest.approx(0.65)           # + EP and TP DTensors
-    # 2 of the 4 units per stage, once per microbatch (tiny.yaml: 4)
-    assert host_part(dp_shard=1, pp=2, world_size=2) == pytest.approx(0.5 * 4 * 0.3)
+    # 2 of the 4 units per stage: the ops once per microbatch (tiny.yaml: 4), FSDP once per step
+    assert host_part(dp_shard=1, pp=2, world_size=2) == pytest.approx(0.5 * (4 * 0.1 + 0.2))
     # 4 ranks on 2 cores: each computes at half speed, host overhead, matmuls and optimizer alike.
     dp4 = ParallelDims(dp_shard=4, ep=4, world_size=4)
     assert host_part(dp_shard=4, ep=4, world_size=4) == pytest.approx(2 * 0.35)

@@ -102,6 +102,10 @@ class DataConfig:
     """Probability of Fourier-basis resampling a window to another rate."""
     resample_factors: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.5, 2.0])
     """Source points per window point when resampling (< 1 up-samples, > 1 down-samples); one is drawn per window."""
+    mixup_probability: float = 0.0
+    """Probability that a window becomes a TSMixup blend: a convex combination (Dirichlet weights) of itself and up to mixup_max_series - 1 windows of other series, each standardised first."""
+    mixup_max_series: int = 3
+    """Most series in one TSMixup blend (>= 2)."""
     truncate_probability: float = 0.0
     """Probability of keeping only a random-length (log-uniform) suffix of a window (at least one context patch), the rest padded: trains short contexts with their own normalisation, as short series meet the model at inference."""
 
@@ -480,9 +484,10 @@ def validate(cfg: Config) -> Config:
              "data.context_points", d.context_points,
              f"must be a positive multiple of model.patch_points={m.patch_points}")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    for name in ("flip_probability", "resample_probability", "truncate_probability"):
+    for name in ("flip_probability", "resample_probability", "truncate_probability", "mixup_probability"):
         v = getattr(d, name)
         _require(0.0 <= v <= 1.0, f"data.{name}", v, "must be in [0, 1]")
+    _require(d.mixup_max_series >= 2, "data.mixup_max_series", d.mixup_max_series, "must be >= 2")
     for k, v in d.mixture_weights.items():
         _require(v >= 0, f"data.mixture_weights.{k}", v, "must be >= 0")
     _require(len(d.resample_factors) >= 1 and all(f > 0 for f in d.resample_factors),

@@ -2,7 +2,8 @@
 
 For each layout the training step of a small config (``TrainingRig``: engine forward +
 backward, clipping, AdamW) runs on spawned gloo ranks, one torch thread each, and the step time
-is the median over ``--steps`` steps (after ``--warmup``) of the slowest rank. The prediction
+is the median of the slowest rank over ``--steps`` steps (after ``--warmup``) in each of
+``--rounds`` rounds; a round runs every layout once, so the machine's drift is shared. The prediction
 is ``timers1.parallel.step_time`` with the ``cpu_gloo`` profile, whose machine figures are
 measured in the same run before any layout: the fp32 matmul peak and memcpy bandwidth of one
 thread and the loopback link's alpha and beta (a 2-rank all-gather at two sizes), and, since
@@ -30,6 +31,7 @@ import sys
 import time
 
 from timers1.bench.gloo_ranks import init_rank, spawn
+from timers1.errors import InputError
 
 # name: (world size, parallel overrides)
 LAYOUTS = {
@@ -51,8 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted config override, repeatable")
     p.add_argument("--layouts", nargs="+", default=["single", "dp2", "dp2_ep2", "tp2", "pp2", "dp4_ep4"],
                    choices=list(LAYOUTS), help="gloo layouts to predict and measure")
-    p.add_argument("--steps", type=int, default=6, help="measured steps per layout (median)")
-    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per layout and round (median over all rounds)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the layouts run round robin this many times (each a fresh set of ranks), so that a "
+                        "drift of the machine's speed falls on every layout alike")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring, in every round")
     p.add_argument("--peak-seconds", type=float, default=0.3, help="matmul peak sample after each measured step")
     p.add_argument("--cluster", default="cpu_gloo", help="profile whose link/peak figures are replaced by measured ones")
 
@@ -253,12 +258,22 @@ def run(args: argparse.Namespace) -> int:
                                       "other_fraction": profile.other_fraction, "link": asdict(profile.intra),
                                       "host_overhead_ms": {k: v * 1e3 for k, v in asdict(profile.host).items()}}}),
           flush=True)
+    if args.rounds < 1 or args.steps < 1:
+        raise InputError(f"--rounds {args.rounds}, --steps {args.steps}: both must be >= 1")
+    # Round robin over the layouts: this shared machine's speed drifts by 10-30% within minutes,
+    # and layouts measured minutes apart would be ranked by the drift, not by their cost.
+    taken = {name: ([], [], []) for name in args.layouts}  # samples, peaks, syncs
+    for _ in range(args.rounds):
+        for name in args.layouts:
+            world, overrides = LAYOUTS[name]
+            for kept, new in zip(taken[name], spawn(_timed_steps, world, args, overrides)):
+                kept.extend(new)
     results = []
     for name in args.layouts:
         world, overrides = LAYOUTS[name]
         cfg = _config(args, overrides)
         dims = ParallelDims.from_config(cfg.parallel, world)
-        samples, peaks, syncs = spawn(_timed_steps, world, args, overrides)
+        samples, peaks, syncs = taken[name]
         peak = statistics.median(peaks)
         # Everything on the cores slows with the load: the host overhead measured at the
         # calibration's peak scales like the matmuls (ranks sharing cores see ``peak`` divided).

@@ -125,13 +125,14 @@ class WindowSampler:
                  mixture_weights: dict[str, float] | None = None, flip_probability: float = 0.0,
                  resample_probability: float = 0.0,
                  resample_factors: tuple[float, ...] | list[float] = DEFAULT_RESAMPLE_FACTORS,
-                 truncate_probability: float = 0.0, truncate_min_points: int = 1):
+                 truncate_probability: float = 0.0, truncate_min_points: int = 1,
+                 mixup_probability: float = 0.0, mixup_max_series: int = 3):
         if window_points < 1:
             raise InputError(f"window_points={window_points!r}: must be >= 1")
         if corpus.num_series == 0:
             raise InputError(f"{corpus.directory}: corpus has no series")
         for name, p in (("flip_probability", flip_probability), ("resample_probability", resample_probability),
-                        ("truncate_probability", truncate_probability)):
+                        ("truncate_probability", truncate_probability), ("mixup_probability", mixup_probability)):
             if not 0.0 <= p <= 1.0:
                 raise InputError(f"{name}={p!r}: must be in [0, 1]")
         if not resample_factors or any(f <= 0 for f in resample_factors):
@@ -146,6 +147,10 @@ class WindowSampler:
             raise InputError(f"truncate_min_points={truncate_min_points!r}: must be in [1, {window_points}]")
         self.truncate_probability = float(truncate_probability)
         self.truncate_min_points = int(truncate_min_points)
+        if not (isinstance(mixup_max_series, (int, np.integer)) and mixup_max_series >= 2):
+            raise InputError(f"mixup_max_series={mixup_max_series!r}: must be an integer >= 2")
+        self.mixup_probability = float(mixup_probability)
+        self.mixup_max_series = int(mixup_max_series)
         # Source points a window needs at each factor (>= 2 so a spectrum exists).
         self._source_points = np.maximum(2, np.round(self.resample_factors * self.window_points)).astype(np.int64)
         self.lengths = corpus.lengths.astype(np.int64)
@@ -250,11 +255,57 @@ class WindowSampler:
                 pad = np.where(cut, W - keep, pad)
                 values[np.arange(W)[None, :] < pad[:, None]] = 0.0
         mask = (np.arange(W)[None, :] >= pad[:, None]).astype(np.float32)
+        if self.mixup_probability > 0:
+            self._mix(values, mask, slots)
         flipped = u_flip < self.flip_probability
         if flipped.any():
             flip_sign(values, flipped)
         factor = np.where(resampled, source_points / W, 1.0).astype(np.float32)
         return WindowBatch(values, mask, series, start, factor, flipped)
+
+    def _mix(self, values: np.ndarray, mask: np.ndarray, slots: np.ndarray) -> None:
+        """TSMixup (Chronos, Ansari et al. 2024), in place: a row drawn for it becomes a convex
+        combination of itself and 1 to ``mixup_max_series - 1`` windows of other series, each
+        standardised over its observed points, with Dirichlet(1) weights, then put back at the
+        row's own level and spread. Observed where every part is. New series that no generator
+        family makes (a growth curve under an hourly profile, a random walk over a season) from
+        the corpus's own; partners are drawn like slots (in proportion to windows, never a
+        held-out series), every draw a pure function of (seed, slot)."""
+        J = self.mixup_max_series - 1
+        u = self._slot_uniforms(slots, 3 + 3 * J, salt=4)
+        rows = np.flatnonzero(u[0] < self.mixup_probability)
+        if rows.size == 0:
+            return
+        W = self.window_points
+        partners = 1 + np.minimum((u[1] * J).astype(np.int64), J - 1)
+        u_series, u_start, u_weight = u[3:3 + J], u[3 + J:3 + 2 * J], u[3 + 2 * J:]
+        read = self.corpus.window
+
+        def standardised(x: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, float, float]:
+            mean = float(x[observed].mean()) if observed.any() else 0.0
+            std = float(x[observed].std()) if observed.any() else 0.0
+            return (x - mean) / (std if std > 0 else 1.0), mean, std
+
+        for i in rows.tolist():
+            k = int(partners[i])
+            weights = -np.log1p(-np.concatenate([[u[2, i]], u_weight[:k, i]]))  # Exp(1) draws -> Dirichlet(1)
+            weights /= weights.sum()
+            observed = mask[i] > 0
+            z, mean, std = standardised(values[i].astype(np.float64), observed)
+            mixed = weights[0] * z
+            for j in range(k):
+                series = int(np.searchsorted(self.cumulative_windows, u_series[j, i] * self.slots_per_epoch,
+                                             side="right") - 1)
+                n = int(self.lengths[series])
+                taken = min(n, W)
+                start = min(int(u_start[j, i] * (n - taken + 1)), n - taken)
+                part = np.zeros(W, dtype=np.float64)
+                part[W - taken:] = read(series, start, taken)
+                part_observed = np.arange(W) >= W - taken
+                observed &= part_observed
+                mixed += weights[j + 1] * standardised(part, part_observed)[0]
+            values[i] = np.where(observed, mean + (std if std > 0 else 1.0) * mixed, 0.0)
+            mask[i] = observed
 
 
 def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +387,7 @@ class CorpusLoader:
                  resample_probability: float = 0.0,
                  resample_factors: tuple[float, ...] | list[float] = DEFAULT_RESAMPLE_FACTORS,
                  truncate_probability: float = 0.0, truncate_min_points: int = 1,
-                 pin_memory: bool = False):
+                 mixup_probability: float = 0.0, mixup_max_series: int = 3, pin_memory: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise InputError(f"rank={rank!r}, world_size={world_size!r}: need 0 <= rank < world_size")
         if batch_size < 1:
@@ -347,7 +398,7 @@ class CorpusLoader:
             corpus = open_compiled(corpus)
         self.sampler = WindowSampler(corpus, window_points, seed, mixture_weights, flip_probability,
                                      resample_probability, resample_factors, truncate_probability,
-                                     truncate_min_points)
+                                     truncate_min_points, mixup_probability, mixup_max_series)
         self.batch_size = int(batch_size)
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -390,7 +441,10 @@ class CorpusLoader:
                 "slots_per_epoch": s.slots_per_epoch, "flip_probability": s.flip_probability,
                 "resample_probability": s.resample_probability,
                 "resample_factors": [float(f) for f in s.resample_factors],
-                "truncate_probability": s.truncate_probability, "truncate_min_points": s.truncate_min_points}
+                "truncate_probability": s.truncate_probability, "truncate_min_points": s.truncate_min_points,
+                # Only when on: states saved before mixup existed resume with it off.
+                **({"mixup_probability": s.mixup_probability, "mixup_max_series": s.mixup_max_series}
+                   if s.mixup_probability > 0 else {})}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "batches_consumed": self._batches, "slot_base": self._slot_base,
@@ -420,7 +474,7 @@ def make_loader(data_cfg, corpus_dir: str | Path | Corpus | MappedCorpus, window
     """The trainer's entry point: a CorpusLoader configured from a DataConfig.
 
     Reads seed, num_workers, mixture_weights, flip_probability, resample_probability,
-    resample_factors and truncate_probability (when the config has them) from ``data_cfg``;
+    resample_factors, truncate_probability and mixup_* (when the config has them) from ``data_cfg``;
     ``batch_size`` is per rank; ``truncate_min_points`` is the shortest suffix a truncated
     window keeps (the trainer passes one context patch plus the future points).
     """
@@ -432,4 +486,6 @@ def make_loader(data_cfg, corpus_dir: str | Path | Corpus | MappedCorpus, window
                         resample_probability=data_cfg.resample_probability,
                         resample_factors=tuple(factors),
                         truncate_probability=getattr(data_cfg, "truncate_probability", 0.0),
-                        truncate_min_points=truncate_min_points, pin_memory=pin_memory)
+                        truncate_min_points=truncate_min_points,
+                        mixup_probability=getattr(data_cfg, "mixup_probability", 0.0),
+                        mixup_max_series=getattr(data_cfg, "mixup_max_series", 3), pin_memory=pin_memory)

@@ -25,7 +25,7 @@ CUDA context).
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from timers1.config import Config
 from timers1.parallel.dims import LayoutError, ParallelDims
@@ -50,6 +50,7 @@ class ParamGroups:
     block_expert: int   # per main block: experts
     stp_extra: int      # per STP block on top of its TimeMoE block (projection, norms)
     total: int
+    tensors: dict[str, int] = field(default_factory=dict)  # the same groups in parameter tensors
 
 
 def param_groups(cfg: Config) -> ParamGroups:
@@ -57,22 +58,21 @@ def param_groups(cfg: Config) -> ParamGroups:
 
     model = build_model(cfg.model, cfg.moe, device="meta")
     g = dict(embed=0, norm=0, head=0, block_tp=0, block_rep=0, block_expert=0, stp_extra=0)
+    tensors = dict.fromkeys(g, 0)
     total = 0
     for name, p in model.named_parameters():
-        n = p.numel()
-        total += n
-        if name.startswith("embed."):
-            g["embed"] += n
-        elif name.startswith("norm."):
-            g["norm"] += n
-        elif name.startswith("head."):
-            g["head"] += n
+        total += p.numel()
+        key = None
+        if name.startswith(("embed.", "norm.", "head.")):
+            key = name.split(".", 1)[0]
         elif name.startswith("layers.0."):
             key = "block_expert" if name.endswith(EXPERT) else "block_tp" if name.endswith(TP_SHARDED) else "block_rep"
-            g[key] += n
         elif name.startswith("stp_blocks.0.") and not name.startswith("stp_blocks.0.block."):
-            g["stp_extra"] += n
-    return ParamGroups(total=total, **g)
+            key = "stp_extra"
+        if key is not None:
+            g[key] += p.numel()
+            tensors[key] += 1
+    return ParamGroups(total=total, tensors=tensors, **g)
 
 
 def activation_elems(cfg: Config, tp: int, kind: str) -> float:

@@ -23,7 +23,8 @@ parameter (AdamW reads p, g, m, v and writes p, m, v; the clip reads g) at ``mem
 Host overhead (``HostOverhead``): seconds that do not depend on the batch, for a rank that runs
 the whole model. Per forward + backward pass (a pipeline rank makes one per microbatch):
 ``step_s`` (dispatching the ~2000 small ops), plus ``sharded_s`` once the parameters are FSDP
-DTensors (FSDP's pre/post hooks and collective calls per unit), ``ep_s`` once the experts are
+DTensors (FSDP's pre/post hooks and collective calls per unit; with PP once per step, as the
+gathers and the gradient sync are), ``ep_s`` once the experts are
 EP DTensors (with EP or TP: ``parallelize`` applies the expert style for both) and ``tp_s``
 once the dense weights are TP DTensors (DTensor's host dispatch and sharding propagation on
 every op). Per step: ``update_s`` (clip + optimizer beyond the optimizer's memory traffic: the
@@ -50,7 +51,8 @@ below, with ring algorithms over a group of n ranks):
     (embedding, norm, head) once. HSDP adds an fp32 all-reduce of the shard over dp_replicate.
   * TP/SP: per block and pass an all-gather of the sequence before attention and a
     reduce-scatter after o_proj (full local activations), mirrored in backward; one
-    all-gather of the predictions per predicting unit.
+    all-gather of the predictions per predicting unit; per step one fp32 all-reduce per
+    weight tensor replicated over tp (its gradient: DTensor reduces each in its own call).
   * EP: per MoE block and pass a dispatch and a combine all-to-all of ``tokens/tp * K * D``
     elements per rank (the forward, the backward, and the recompute under checkpointing).
   * PP: per microbatch and stage boundary, h (and h0 when there are STP blocks) forward and
@@ -61,9 +63,8 @@ blocks, so only what exceeds the compute is exposed (and at least the first all-
 the profile says communication overlaps compute (NCCL on its own streams); on ``cpu_gloo`` it
 does not (gloo copies on the cores that compute). TP and EP collectives sit on the critical
 path of every block (no async TP, our dispatcher is synchronous): always exposed. PP
-transfers are exposed. Gradient reductions of replicated weights (norms, router: a few KiB) and
-the count exchange of the dispatcher (alpha only, included in the all-to-all's alphas) are
-left out of the bytes. Every collective call also costs the profile's ``sync_s``: the expected
+transfers are exposed. The count exchange of the dispatcher (alpha only, included in the
+all-to-all's alphas) is left out of the bytes. Every collective call also costs the profile's ``sync_s``: the expected
 wait for the slowest rank (0 on dedicated GPUs; on a shared CPU ranks are descheduled at random).
 
 Link classes: a group of n ranks whose rank stride is s spans ``min(n, gpus_per_node // s)``
@@ -118,7 +119,14 @@ class HostOverhead:
         of units, its passes (microbatches) for the forward + backward part."""
         per_pass, per_step = self.step_s, self.update_s
         if dims.world_size > 1:
-            per_pass, per_step = per_pass + self.sharded_s, per_step + self.sharded_update_s
+            per_step += self.sharded_update_s
+            # FSDP's per-unit gathers and reductions: every pass without PP; with PP once per
+            # step (the weights stay gathered over the microbatches and torch's pipeline
+            # schedules turn the gradient sync off until the last backward).
+            if dims.pp > 1:
+                per_step += self.sharded_s
+            else:
+                per_pass += self.sharded_s
         if dims.ep > 1 or dims.tp > 1:
             per_pass += self.ep_s
         if dims.tp > 1:
@@ -379,7 +387,8 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
     unit_dense = g.block_tp / tp + g.block_rep
     dense_params = blocks * unit_dense + stp * g.stp_extra
     expert_params = blocks * g.block_expert / ep
-    root_params = (g.embed if first else 0) + g.head + (g.norm if ("main", str(m.num_layers - 1)) in units else 0)
+    last_main = ("main", str(m.num_layers - 1)) in units
+    root_params = (g.embed if first else 0) + g.head + (g.norm if last_main else 0)
     shard_params = (dense_params + root_params) / dims.dp_shard + expert_params / dims.efsdp
 
     gather_b = act_b  # FSDP gathers in the compute dtype, reduces in fp32
@@ -407,6 +416,14 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
         for op in ("all_gather", "reduce_scatter"):
             colls.append(Collective("tp", op, tp, 1, seq_b, blocks * (passes + 1)))
         colls.append(Collective("tp", "all_gather", tp, 1, preds_b, predicting))
+        # DTensor all-reduces the gradient of every weight replicated over tp (norms, router,
+        # QK scales, STP projection, embedding, head) in a call of its own: few bytes, but each
+        # call pays alpha and the wait for the other ranks.
+        t = g.tensors
+        rep_tensors = (blocks * t["block_rep"] + stp * t["stp_extra"] + (t["embed"] if first else 0) + t["head"]
+                       + (t["norm"] if last_main else 0))
+        rep_b = (blocks * g.block_rep + stp * g.stp_extra + root_params) * 4.0
+        colls.append(Collective("tp", "all_reduce", tp, 1, rep_b / max(rep_tensors, 1), rep_tensors))
     if ep > 1:
         colls.append(Collective("ep", "all_to_all", ep, 1, tokens * moe.top_k * m.hidden_size * act_b,
                                 blocks * 2 * (passes + 1)))

@@ -85,7 +85,7 @@ def _parallelize_block(block: TimeMoEBlock, mesh) -> None:
         "attention_norm": SequenceParallel(),
         # Inputs: (x, rope, attention mask); only x is a DTensor, gathered for full-sequence attention.
         "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                        desired_input_layouts=(Replicate(), None, None), use_local_output=True),
+                                        desired_input_layouts=(Replicate(), None, None), use_local_output=False),
         "attention.q_proj": ColwiseParallel(),
         "attention.k_proj": ColwiseParallel(),
         "attention.v_proj": ColwiseParallel(),
