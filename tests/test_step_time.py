@@ -301,3 +301,17 @@ def test_calibration_from_a_bench_plan_line_is_for_the_cpu_profile_only(tmp_path
                                            "(measured, plan.jsonl:1 (bench plan))")
     gpu = calibrate(cluster_profile("h100_sxm"), [lines], cfg)
     assert gpu == cluster_profile("h100_sxm") and gpu.host == HostOverhead()
+
+
+def test_bench_plan_names_the_pairs_it_ranks_differently():
+    from timers1.bench.plan import discordant_pairs
+
+    def r(name, predicted, measured, lo, hi):
+        return dict(layout=name, predicted_s=predicted, measured_s=measured, measured_min_s=lo, measured_max_s=hi)
+
+    results = [r("a", 0.50, 0.60, 0.49, 0.64), r("b", 0.51, 0.56, 0.51, 0.60), r("c", 0.9, 0.8, 0.7, 0.95),
+               r("d", 0.8, 1.0, 0.96, 1.1)]
+    pairs = discordant_pairs(results)
+    assert [p["layouts"] for p in pairs] == [["a", "b"], ["c", "d"]]
+    assert pairs[0] == {"layouts": ["a", "b"], "predicted_gap": 0.02, "measured_gap": 0.071, "measured_overlap": True}
+    assert pairs[1]["measured_overlap"] is False  # c's slowest step (0.95) beats d's fastest (0.96)

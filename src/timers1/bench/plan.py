@@ -296,10 +296,30 @@ def run(args: argparse.Namespace) -> int:
     by_pred = [r["layout"] for r in sorted(results, key=lambda r: r["predicted_s"])]
     by_meas = [r["layout"] for r in sorted(results, key=lambda r: r["measured_s"])]
     worst = max(max(r["ratio"], 1 / r["ratio"]) for r in results)
+    discordant = discordant_pairs(results)
     print(json.dumps({"bench": "plan", "summary": True, "worst_factor": round(worst, 3),
                       "within_target": worst <= TARGET, "target": TARGET, "predicted_ranking": by_pred,
-                      "measured_ranking": by_meas, "ranking_equal": by_pred == by_meas}), flush=True)
+                      "measured_ranking": by_meas, "ranking_equal": by_pred == by_meas,
+                      "discordant_pairs": discordant,
+                      "ranking_equal_where_measured_apart": not any(not d["measured_overlap"] for d in discordant)}),
+          flush=True)
     return 0
+
+
+def discordant_pairs(results: list[dict]) -> list[dict]:
+    """Pairs of layouts the prediction orders one way and the measurement the other, with both
+    gaps and whether the two layouts' measured step ranges (min-max) overlap: where they do, the
+    measurement itself cannot tell which is faster."""
+    out = []
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            if (a["predicted_s"] - b["predicted_s"]) * (a["measured_s"] - b["measured_s"]) < 0:
+                out.append({"layouts": [a["layout"], b["layout"]],
+                            "predicted_gap": round(abs(a["predicted_s"] / b["predicted_s"] - 1), 3),
+                            "measured_gap": round(abs(a["measured_s"] / b["measured_s"] - 1), 3),
+                            "measured_overlap": a["measured_min_s"] <= b["measured_max_s"]
+                            and b["measured_min_s"] <= a["measured_max_s"]})
+    return out
 
 
 NAME = "plan"
