@@ -70,6 +70,10 @@ def test_collectives_follow_alpha_beta():
     gb = 1e9
     assert all_gather_s(p.intra, 4, gb) == pytest.approx(3 * 1e-6 + 0.75 * gb / 100e9)
     assert reduce_scatter_s(p.intra, 4, gb) == all_gather_s(p.intra, 4, gb)
+    # gloo runs a reduce-scatter as an all-reduce of the whole input.
+    rs = Collective("fsdp", "reduce_scatter", 4, 1, gb, 1)
+    assert rs.seconds(p) == pytest.approx(reduce_scatter_s(p.intra, 4, gb))
+    assert rs.seconds(replace(p, backend="gloo")) == pytest.approx(all_reduce_s(p.intra, 4, gb))
     assert all_reduce_s(p.inter, 2, gb) == pytest.approx(2 * (10e-6 + 0.5 * gb / 10e9))
     assert all_gather_s(p.intra, 1, gb) == 0.0
     # A group of 4 with stride 4 spans 2 per node: the ring runs at the inter-node bottleneck.

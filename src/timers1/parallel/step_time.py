@@ -42,7 +42,8 @@ On the CPU profile, ranks beyond ``compute_slots_per_node`` cores share them: th
 optimizer and the host overhead all slow down by ranks / cores.
 
 Communication (``Collective``: bytes and counts per step, costed by the alpha-beta formulas
-below, with ring algorithms over a group of n ranks):
+below, with ring algorithms over a group of n ranks; on gloo a reduce-scatter costs an all-reduce
+of its input, which is how torch's gloo backend runs it):
   * FSDP: every unit's local (post-TP/EP) parameters are all-gathered in the compute dtype and
     their gradients reduce-scattered in fp32, one call per unit (alpha and sync wait each), dense
     over dp_shard, experts over efsdp; a one-rank group costs nothing. Without PP twice per
@@ -325,7 +326,12 @@ class Collective:
         elif self.op == "send":
             one = send_s(profile.inter if self.stride >= profile.gpus_per_node else profile.intra, self.nbytes)
         else:
-            fn = {"all_gather": all_gather_s, "reduce_scatter": reduce_scatter_s, "all_reduce": all_reduce_s}[self.op]
+            op = self.op
+            if op == "reduce_scatter" and profile.backend == "gloo":
+                # gloo has no reduce-scatter: torch's gloo backend all-reduces the whole buffer
+                # and keeps its shard (a profiled dp2 step: all 13 of them ran as gloo all-reduces).
+                op = "all_reduce"
+            fn = {"all_gather": all_gather_s, "reduce_scatter": reduce_scatter_s, "all_reduce": all_reduce_s}[op]
             one = fn(ring_link(profile, self.group, self.stride), self.group, self.nbytes)
         return (one + profile.sync_s) * self.count
 

@@ -44,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,8 +157,8 @@ class Trainer:
                                  hint="give a run directory, a checkpoints/step_<N> or model directory, "
                                       "or the released Hugging Face directory")
             _, source = load_model(init_path)
-            missing = model.load_state_dict(source.state_dict(), strict=True)
-            del source, missing
+            model.load_state_dict(source.state_dict(), strict=True)
+            del source
         self.engine = build_engine(model.to(self.device), cfg, self.world_size, self.device)
         per_rank = self.engine.dp_size * t.grad_accum_steps
         if t.batch_size % per_rank:
