@@ -272,24 +272,42 @@ def test_mixup_rows_blend_standardised_windows_of_the_corpus(tmp_path):
         assert residual[best] < 1e-3 and 0 < share[best] < 1
 
 
-def test_mixup_masks_where_a_part_is_unobserved_and_is_part_of_the_resume_layout(corpus_dir):
+def test_mixup_keeps_masks_level_and_spread_and_is_part_of_the_resume_layout(corpus_dir, tmp_path):
     corpus = read_corpus(corpus_dir)
     plain = WindowSampler(corpus, W, seed=4).sample(0, 300)
     mixed = WindowSampler(corpus, W, seed=4, mixup_probability=1.0, mixup_max_series=3).sample(0, 300)
-    assert np.all(mixed.mask <= plain.mask) and (mixed.mask.sum() < plain.mask.sum())  # short partners pad
-    for row, m in zip(mixed.values, mixed.mask):
-        first = int(np.argmax(m)) if m.any() else W
-        assert np.all(m[:first] == 0) and np.all(m[first:] == 1) and np.all(row[:first] == 0)
+    # Every series here is a ramp, so every standardised span is the same ramp: blending them and
+    # putting the row's own mean and spread back gives the row itself. Masks stay the row's.
+    np.testing.assert_array_equal(mixed.mask, plain.mask)
+    np.testing.assert_allclose(mixed.values, plain.values, rtol=1e-5, atol=1e-2)
+    # A flat row has no spread to put a blend back at: left as it is.
+    flat = [SeriesRecord("flat", np.full(300, 7.0, np.float32), domain="web", source="flat")] + [
+        SeriesRecord(f"w{i}", np.cumsum(np.random.default_rng(i).standard_normal(300)).astype(np.float32),
+                     domain="web", source="walks")
+        for i in range(3)]
+    write_corpus(flat, tmp_path)
+    flat_corpus = read_corpus(tmp_path)
+    batch = WindowSampler(flat_corpus, W, seed=1, mixup_probability=1.0).sample(0, 200)
+    rows = batch.series == 0
+    assert rows.any() and np.all(batch.values[rows] == 7.0)
+    assert not np.array_equal(batch.values[~rows], WindowSampler(flat_corpus, W, seed=1).sample(0, 200).values[~rows])
 
     old = CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3)
     _take(old, 2)
     resumed = CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3)
     resumed.load_state_dict(old.state_dict())
     _same(_take(resumed, 2), _take(old, 2))
-    # A state saved without mixup (as before it existed) resumes only with it off.
+    # A state saved without mixup (as before it existed) resumes only with it off, and the reverse.
     without = CorpusLoader(corpus_dir, W, 4, seed=0)
-    CorpusLoader(corpus_dir, W, 4, seed=0).load_state_dict(without.state_dict())
+    state = without.state_dict()
+    del state["mixup_probability"]
+    CorpusLoader(corpus_dir, W, 4, seed=0).load_state_dict(state)
     with pytest.raises(InputError, match="mixup_probability"):
-        CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3).load_state_dict(without.state_dict())
+        CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3).load_state_dict(state)
+    with pytest.raises(InputError, match="mixup_probability"):
+        CorpusLoader(corpus_dir, W, 4, seed=0).load_state_dict(old.state_dict())
+    with pytest.raises(InputError, match="mixup_max_series"):
+        CorpusLoader(corpus_dir, W, 4, seed=0, mixup_probability=0.3, mixup_max_series=2).load_state_dict(
+            old.state_dict())
     with pytest.raises(InputError, match="mixup_max_series"):
         WindowSampler(corpus, W, mixup_probability=0.5, mixup_max_series=1)

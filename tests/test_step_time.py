@@ -56,7 +56,7 @@ def test_tiny_flops_and_bytes_by_hand():
     assert (g.tensors["block_rep"], g.tensors["stp_extra"], g.tensors["embed"], g.tensors["head"]) == (5, 4, 6, 6)
     rep = by["tp", "all_reduce"]
     assert rep.count == 4 * 5 + 2 * 4 + 6 + 6 + 1 == 41
-    assert rep.nbytes * rep.count == (4 * g.block_rep + 2 * g.stp_extra + g.embed + g.head + g.norm) * 4
+    assert rep.nbytes * rep.count == pytest.approx((4 * g.block_rep + 2 * g.stp_extra + g.embed + g.head + g.norm) * 4)
     dense_params = 4 * (g.block_tp / 2 + g.block_rep) + 2 * g.stp_extra
     fsdp = [c for c in w.collectives if c.what == "fsdp"]
     # One gather per unit (4 blocks), forward + backward; a unit's average bytes each.

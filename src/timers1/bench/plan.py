@@ -251,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
     from timers1.parallel import ParallelDims
     from timers1.parallel.step_time import predict_step
 
+    if args.rounds < 1 or args.steps < 1:
+        raise InputError(f"--rounds {args.rounds}, --steps {args.steps}: both must be >= 1")
     profile, one_rank = measured_profile(args)
     print(json.dumps({"bench": "plan", "profile": profile.name, "figures": profile.figures_used(),
                       "one_rank_steps": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(one_rank).items()},
@@ -258,8 +260,6 @@ def run(args: argparse.Namespace) -> int:
                                       "other_fraction": profile.other_fraction, "link": asdict(profile.intra),
                                       "host_overhead_ms": {k: v * 1e3 for k, v in asdict(profile.host).items()}}}),
           flush=True)
-    if args.rounds < 1 or args.steps < 1:
-        raise InputError(f"--rounds {args.rounds}, --steps {args.steps}: both must be >= 1")
     # Round robin over the layouts: this shared machine's speed drifts by 10-30% within minutes,
     # and layouts measured minutes apart would be ranked by the drift, not by their cost.
     taken = {name: ([], [], []) for name in args.layouts}  # samples, peaks, syncs

@@ -265,12 +265,14 @@ class WindowSampler:
 
     def _mix(self, values: np.ndarray, mask: np.ndarray, slots: np.ndarray) -> None:
         """TSMixup (Chronos, Ansari et al. 2024), in place: a row drawn for it becomes a convex
-        combination of itself and 1 to ``mixup_max_series - 1`` windows of other series, each
-        standardised over its observed points, with Dirichlet(1) weights, then put back at the
-        row's own level and spread. Observed where every part is. New series that no generator
-        family makes (a growth curve under an hourly profile, a random walk over a season) from
-        the corpus's own; partners are drawn like slots (in proportion to windows, never a
-        held-out series), every draw a pure function of (seed, slot)."""
+        combination of itself and 1 to ``mixup_max_series - 1`` other windows, each standardised
+        over its observed points, with Dirichlet(1) weights, then put back at the row's own level
+        and spread. New series that no generator family makes (a growth curve under an hourly
+        profile, a random walk over a season) from the corpus's own. Partners are drawn like
+        slots (in proportion to windows, never a held-out series; now and then the row's own
+        series); one whose series is shorter than the row's observed span drops out of the blend
+        (the mask stays the row's), and a flat row is left as it is (it has no spread to put a
+        blend back at). Every draw is a pure function of (seed, slot)."""
         J = self.mixup_max_series - 1
         u = self._slot_uniforms(slots, 3 + 3 * J, salt=4)
         rows = np.flatnonzero(u[0] < self.mixup_probability)
@@ -281,31 +283,29 @@ class WindowSampler:
         u_series, u_start, u_weight = u[3:3 + J], u[3 + J:3 + 2 * J], u[3 + 2 * J:]
         read = self.corpus.window
 
-        def standardised(x: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, float, float]:
-            mean = float(x[observed].mean()) if observed.any() else 0.0
-            std = float(x[observed].std()) if observed.any() else 0.0
+        def standardised(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+            mean, std = float(x.mean()), float(x.std())
             return (x - mean) / (std if std > 0 else 1.0), mean, std
 
         for i in rows.tolist():
-            k = int(partners[i])
-            weights = -np.log1p(-np.concatenate([[u[2, i]], u_weight[:k, i]]))  # Exp(1) draws -> Dirichlet(1)
-            weights /= weights.sum()
-            observed = mask[i] > 0
-            z, mean, std = standardised(values[i].astype(np.float64), observed)
-            mixed = weights[0] * z
-            for j in range(k):
+            span = int(mask[i].sum())  # observed points: a suffix of the row
+            z, mean, std = standardised(values[i, W - span:].astype(np.float64))
+            if std == 0:
+                continue
+            exp_draws = -np.log1p(-np.concatenate([[u[2, i]], u_weight[:, i]]))  # Exp(1) -> Dirichlet(1)
+            parts, weights = [z], [exp_draws[0]]
+            for j in range(int(partners[i])):
                 series = int(np.searchsorted(self.cumulative_windows, u_series[j, i] * self.slots_per_epoch,
                                              side="right") - 1)
                 n = int(self.lengths[series])
-                taken = min(n, W)
-                start = min(int(u_start[j, i] * (n - taken + 1)), n - taken)
-                part = np.zeros(W, dtype=np.float64)
-                part[W - taken:] = read(series, start, taken)
-                part_observed = np.arange(W) >= W - taken
-                observed &= part_observed
-                mixed += weights[j + 1] * standardised(part, part_observed)[0]
-            values[i] = np.where(observed, mean + (std if std > 0 else 1.0) * mixed, 0.0)
-            mask[i] = observed
+                if n < span:
+                    continue
+                start = min(int(u_start[j, i] * (n - span + 1)), n - span)
+                parts.append(standardised(read(series, start, span).astype(np.float64))[0])
+                weights.append(exp_draws[j + 1])
+            if len(parts) > 1:
+                blend = np.asarray(weights) @ np.stack(parts) / sum(weights)
+                values[i, W - span:] = mean + std * blend
 
 
 def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -442,9 +442,8 @@ class CorpusLoader:
                 "resample_probability": s.resample_probability,
                 "resample_factors": [float(f) for f in s.resample_factors],
                 "truncate_probability": s.truncate_probability, "truncate_min_points": s.truncate_min_points,
-                # Only when on: states saved before mixup existed resume with it off.
-                **({"mixup_probability": s.mixup_probability, "mixup_max_series": s.mixup_max_series}
-                   if s.mixup_probability > 0 else {})}
+                "mixup_probability": s.mixup_probability,
+                **({"mixup_max_series": s.mixup_max_series} if s.mixup_probability > 0 else {})}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "batches_consumed": self._batches, "slot_base": self._slot_base,
@@ -455,6 +454,7 @@ class CorpusLoader:
         if state.get("version") != STATE_VERSION:
             raise InputError(f"loader state: version={state.get('version')!r}, expected {STATE_VERSION}")
         layout = self._layout()
+        state = {"mixup_probability": 0.0, **state}  # saved before mixup existed: it was off
         for key, value in layout.items():
             if state.get(key) != value:
                 raise InputError(f"loader state: {key}={state.get(key)!r} but this loader has {value!r}; "

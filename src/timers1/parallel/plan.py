@@ -25,7 +25,7 @@ CUDA context).
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from timers1.config import Config
 from timers1.parallel.dims import LayoutError, ParallelDims
@@ -50,7 +50,7 @@ class ParamGroups:
     block_expert: int   # per main block: experts
     stp_extra: int      # per STP block on top of its TimeMoE block (projection, norms)
     total: int
-    tensors: dict[str, int] = field(default_factory=dict)  # the same groups in parameter tensors
+    tensors: dict[str, int]  # the same groups counted in parameter tensors
 
 
 def param_groups(cfg: Config) -> ParamGroups:

@@ -425,10 +425,11 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
         # DTensor all-reduces the gradient of every weight replicated over tp (norms, router,
         # QK scales, STP projection, embedding, head) in a call of its own: few bytes, but each
         # call pays alpha and the wait for the other ranks.
-        t = g.tensors
-        rep_tensors = (blocks * t["block_rep"] + stp * t["stp_extra"] + (t["embed"] if first else 0) + t["head"]
-                       + (t["norm"] if last_main else 0))
-        rep_b = (blocks * g.block_rep + stp * g.stp_extra + root_params) * 4.0
+        t, head = g.tensors, predicting > 0  # the head's gradient exists where a unit predicts
+        rep_tensors = (blocks * t["block_rep"] + stp * t["stp_extra"] + (t["embed"] if first else 0)
+                       + (t["head"] if head else 0) + (t["norm"] if last_main else 0))
+        rep_b = (blocks * g.block_rep + stp * g.stp_extra + (g.embed if first else 0) + (g.head if head else 0)
+                 + (g.norm if last_main else 0)) * 4.0
         colls.append(Collective("tp", "all_reduce", tp, 1, rep_b / max(rep_tensors, 1), rep_tensors))
     if ep > 1:
         colls.append(Collective("ep", "all_to_all", ep, 1, tokens * moe.top_k * m.hidden_size * act_b,
