@@ -193,7 +193,11 @@ class WindowSampler:
         for e in np.unique(epoch):  # a batch spans one epoch, or two at a boundary
             sel = epoch == e
             permuted[sel] = feistel_permute(position[sel], self.slots_per_epoch, _key(self.seed, 2, int(e)))
-        return np.searchsorted(self.cumulative_windows, permuted, side="right") - 1
+        return self._series_at(permuted)
+
+    def _series_at(self, positions: np.ndarray) -> np.ndarray:
+        """Corpus row of each position in an epoch's unpermuted slot order [0, slots_per_epoch)."""
+        return np.searchsorted(self.cumulative_windows, positions, side="right") - 1
 
     def _slot_uniforms(self, slots: np.ndarray, streams: int, salt: int = 1) -> np.ndarray:
         """[streams, len(slots)] independent uniforms in [0, 1), a pure function of (seed, salt, slot)."""
@@ -280,7 +284,8 @@ class WindowSampler:
             return
         W = self.window_points
         partners = 1 + np.minimum((u[1] * J).astype(np.int64), J - 1)
-        u_series, u_start, u_weight = u[3:3 + J], u[3 + J:3 + 2 * J], u[3 + 2 * J:]
+        u_start, u_weight = u[3 + J:3 + 2 * J], u[3 + 2 * J:]
+        partner_series = self._series_at((u[3:3 + J] * self.slots_per_epoch).astype(np.int64))  # [J, B]
         read = self.corpus.window
 
         def standardised(x: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -295,8 +300,7 @@ class WindowSampler:
             exp_draws = -np.log1p(-np.concatenate([[u[2, i]], u_weight[:, i]]))  # Exp(1) -> Dirichlet(1)
             parts, weights = [z], [exp_draws[0]]
             for j in range(int(partners[i])):
-                series = int(np.searchsorted(self.cumulative_windows, u_series[j, i] * self.slots_per_epoch,
-                                             side="right") - 1)
+                series = int(partner_series[j, i])
                 n = int(self.lengths[series])
                 if n < span:
                     continue

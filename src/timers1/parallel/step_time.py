@@ -425,11 +425,11 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
         # DTensor all-reduces the gradient of every weight replicated over tp (norms, router,
         # QK scales, STP projection, embedding, head) in a call of its own: few bytes, but each
         # call pays alpha and the wait for the other ranks.
-        t, head = g.tensors, predicting > 0  # the head's gradient exists where a unit predicts
-        rep_tensors = (blocks * t["block_rep"] + stp * t["stp_extra"] + (t["embed"] if first else 0)
-                       + (t["head"] if head else 0) + (t["norm"] if last_main else 0))
-        rep_b = (blocks * g.block_rep + stp * g.stp_extra + (g.embed if first else 0) + (g.head if head else 0)
-                 + (g.norm if last_main else 0)) * 4.0
+        # How many of each group this rank holds (the head's gradient exists where a unit predicts).
+        held = {"block_rep": blocks, "stp_extra": stp, "embed": int(first), "head": int(predicting > 0),
+                "norm": int(last_main)}
+        rep_tensors = sum(n * g.tensors[k] for k, n in held.items())
+        rep_b = 4.0 * sum(n * getattr(g, k) for k, n in held.items())
         colls.append(Collective("tp", "all_reduce", tp, 1, rep_b / max(rep_tensors, 1), rep_tensors))
     if ep > 1:
         colls.append(Collective("ep", "all_to_all", ep, 1, tokens * moe.top_k * m.hidden_size * act_b,
