@@ -415,16 +415,18 @@ def _torch_forward(x_SD, tokens_per_expert, w_gate_EFD, w_up_EFD, w_down_EDF):
     g_SF = x_SD.new_empty(S, Fw)
     u_SF = x_SD.new_empty(S, Fw)
     y_SD = x_SD.new_empty(S, D)
+    # Per-expert views made once per call (one op each, not one select per expert and use).
+    w_gate_DF, w_up_DF, w_down_FD = (w.transpose(1, 2).unbind(0) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
     lo = 0
     for e, n in enumerate(tokens_per_expert):
         if n == 0:
             continue
         hi = lo + n
         x, g, u = x_SD[lo:hi], g_SF[lo:hi], u_SF[lo:hi]
-        torch.mm(x, w_gate_EFD[e].t(), out=g)
-        torch.mm(x, w_up_EFD[e].t(), out=u)
+        torch.mm(x, w_gate_DF[e], out=g)
+        torch.mm(x, w_up_DF[e], out=u)
         h = F.silu(g).mul_(u)  # this expert's block only: still in cache
-        torch.mm(h, w_down_EDF[e].t(), out=y_SD[lo:hi])
+        torch.mm(h, w_down_FD[e], out=y_SD[lo:hi])
         lo = hi
     return y_SD, g_SF, u_SF
 
@@ -446,6 +448,8 @@ def _torch_backward(dy_SD, x_SD, g_SF, u_SF, tokens_per_expert, w_gate_EFD, w_up
     dwu = _empty_grad(w_up_EFD, tokens_per_expert) if need[3] else None
     dwd = _empty_grad(w_down_EDF, tokens_per_expert) if need[4] else None
     silu_backward = torch.ops.aten.silu_backward
+    w_gate_FD, w_up_FD, w_down_DF = (w.unbind(0) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
+    dwg_FD, dwu_FD, dwd_DF = (g.unbind(0) if g is not None else None for g in (dwg, dwu, dwd))
     lo = 0
     for e, n in enumerate(tokens_per_expert):
         if n == 0:
@@ -454,19 +458,19 @@ def _torch_backward(dy_SD, x_SD, g_SF, u_SF, tokens_per_expert, w_gate_EFD, w_up
         x, g, u, dy = x_SD[lo:hi], g_SF[lo:hi], u_SF[lo:hi], dy_SD[lo:hi]
         silu = F.silu(g)
         if dwd is not None:
-            torch.mm(dy.t(), silu * u, out=dwd[e])  # H recomputed, in cache
-        dh = torch.mm(dy, w_down_EDF[e])
+            torch.mm(dy.t(), silu * u, out=dwd_DF[e])  # H recomputed, in cache
+        dh = torch.mm(dy, w_down_DF[e])
         du = silu.mul_(dh)  # silu no longer needed: reuse its buffer
         # aten's fused SiLU backward: dG = (dH * U) * s * (1 + G (1 - s)) in one pass.
         dg = silu_backward(dh.mul_(u), g)
         if dwg is not None:
-            torch.mm(dg.t(), x, out=dwg[e])
+            torch.mm(dg.t(), x, out=dwg_FD[e])
         if dwu is not None:
-            torch.mm(du.t(), x, out=dwu[e])
+            torch.mm(du.t(), x, out=dwu_FD[e])
         if dx is not None:
             dx_e = dx[lo:hi]
-            torch.mm(dg, w_gate_EFD[e], out=dx_e)
-            dx_e.addmm_(du, w_up_EFD[e])
+            torch.mm(dg, w_gate_FD[e], out=dx_e)
+            dx_e.addmm_(du, w_up_FD[e])
         lo = hi
     return dx, dwg, dwu, dwd
 

@@ -177,7 +177,7 @@ class TrainConfig:
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'."""
     compile: bool = False
-    """torch.compile each block's attention and the quantile loss (fuses their elementwise work; a few seconds at start-up; needs a C++ compiler on CPU). Not with parallel.tp > 1."""
+    """torch.compile each block's attention half (norms, attention, residual) and the quantile loss (fuses their elementwise work; a few seconds at start-up; needs a C++ compiler on CPU). Not with parallel.tp > 1."""
     max_nonfinite_steps_in_row: int = 5
     """Abort after this many consecutive skipped steps, the last with a non-finite loss or gradient norm."""
     spike_factor: float = 0.0

@@ -31,11 +31,22 @@ class TimeMoEBlock(nn.Module):
             moe_cfg.kernel_backend,
         )
 
+    def attend(self, h_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half and the MoE's input norm: (h after attention, moe_norm of it).
+
+        A method of its own because it is the block's elementwise-heavy part (two RMSNorms,
+        RoPE, QK-norm, the gate, the residual add around five small GEMMs): ``train.compile``
+        compiles it whole (``parallelize.apply_compile``), the MoE half stays hand-written.
+        """
+        h_BND = h_BND + self.attention(self.attention_norm(h_BND), rope, attn_mask_B1NN)
+        return h_BND, self.moe_norm(h_BND)
+
     def forward(self, h_BND: torch.Tensor, rope, attn_mask_B1NN: torch.Tensor | None = None,
                 token_valid_BN: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterRecord]:
         """``attn_mask_B1NN``/``token_valid_BN``: see ``timer_s1.padding_masks`` (None: no padding)."""
-        h_BND = h_BND + self.attention(self.attention_norm(h_BND), rope, attn_mask_B1NN)
-        moe_out, record = self.moe(self.moe_norm(h_BND), token_valid_BN)
+        h_BND, moe_in_BND = self.attend(h_BND, rope, attn_mask_B1NN)
+        moe_out, record = self.moe(moe_in_BND, token_valid_BN)
         return h_BND + moe_out, record
 
 

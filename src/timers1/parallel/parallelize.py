@@ -49,18 +49,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile every block's attention (``train.compile``).
+    """torch.compile every TimeMoE block's attention half (``train.compile``).
 
-    Attention is the part of a block made of many small elementwise ops on [B, H, N, Dh]
-    (RoPE, QK-norm, the sigmoid gate) around its GEMMs, which inductor fuses into a few loops;
-    the MoE half already runs as hand-written kernels (and its per-expert split sizes would
-    break the graph). All blocks share one compiled graph: their parameters are graph inputs.
+    ``TimeMoEBlock.attend`` (two RMSNorms, RoPE, QK-norm, the sigmoid gate and a residual add
+    around five small GEMMs) is dozens of elementwise passes over [B, N, D] each way, which
+    inductor fuses into a few loops; the MoE half already runs as hand-written kernels (and its
+    per-expert split sizes would break the graph). All blocks share one compiled graph: their
+    parameters are graph inputs.
     """
-    from timers1.model.attention import Attention
+    from timers1.model.block import TimeMoEBlock
 
     for module in model.modules():
-        if isinstance(module, Attention):
-            module.compile()
+        if isinstance(module, TimeMoEBlock):
+            module.attend = torch.compile(module.attend)
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
