@@ -332,3 +332,37 @@ def test_validation_scores_each_window_as_the_forecast_would(tiny_config):
         expected.append((2 * pinball.sum(dim=-1) / (p * loss_scale)).mean().item())
     result = build_engine(model, cfg).forward_only(values, mask)
     assert result.loss_floats["loss_ntp"] == pytest.approx(sum(expected) / 3, rel=1e-4)
+
+
+def test_validation_sources_count_what_validation_scores(tmp_path, capsys):
+    """The windows by source: their counts add up to validation_windows', real and synthetic
+    sources are told apart, and the trainer prints the split and writes val_sources.json."""
+    from timers1.data import validation_sources
+
+    out = tmp_path / "c"
+    build_default_corpus(out, num_synthetic_series=48, include_real=True, progress=False, validation_fraction=0.5)
+    mapped = open_compiled(out)
+    for max_windows in (1000, 7):
+        sources = validation_sources(mapped, WINDOW_POINTS, max_windows)
+        assert sum(e["windows"] for e in sources) == len(validation_windows(mapped, WINDOW_POINTS, max_windows)[0])
+        assert [e["windows"] for e in sources] == sorted((e["windows"] for e in sources), reverse=True)
+    sources = validation_sources(mapped, WINDOW_POINTS, 1000)
+    held = np.flatnonzero(np.asarray(mapped.held_out))
+    assert sum(e["series"] for e in sources) == len(held)
+    names = {mapped.source_names[int(mapped.source_codes[row])] for row in held}
+    assert {e["source"] for e in sources} == names
+    kinds = {e["source"]: e["kind"] for e in sources}
+    assert {k for n, k in kinds.items() if n.startswith("synthetic.")} == {"synthetic"}
+    assert "real" in kinds.values()  # half of the real series are held out: some certainly are
+    assert all(k == "real" for n, k in kinds.items() if n.startswith("statsmodels.") or n.startswith("matplotlib."))
+
+    trainer = Trainer(_cfg(out, tmp_path / "run", ["train.steps=1", "eval.val_interval_steps=1"]), progress=False)
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("validation split:")]
+    scored = validation_sources(mapped, WINDOW_POINTS, 48)  # eval.val_windows=48
+    for kind in ("real", "synthetic"):
+        of_kind = [e for e in scored if e["kind"] == kind]
+        counts = f"{kind} {sum(e['series'] for e in of_kind)} series / {sum(e['windows'] for e in of_kind)} windows"
+        assert len(line) == 1 and counts in line[0]
+    assert not (tmp_path / "run" / "val_sources.json").exists()  # written by fit, not at construction
+    trainer.fit()
+    assert json.loads((tmp_path / "run" / "val_sources.json").read_text()) == scored

@@ -11,7 +11,8 @@ Public API (see each module's docstring for the details):
               -> ``CorpusLoader``: iterate for {'values', 'mask'} float32 [B, W];
               ``state_dict()`` / ``load_state_dict()`` resume exactly; it never draws a held-out
               series; ``validation_windows(corpus, W, N)`` -> the fixed windows of those series,
-              ``cut_context`` -> the same windows with a short context
+              ``validation_sources`` -> their sources (real or synthetic), ``cut_context`` -> the
+              same windows with a short context
 - augment:    ``fourier_resample``, ``flip_sign``
 - ingest:     ``read_long``, ``read_wide``, ``series_hash``, ``EVAL_DATASET_NAMES``
 
@@ -32,7 +33,7 @@ _EXPORTS = {
     "EVAL_DATASET_NAMES": "ingest", "IngestError": "ingest", "read_long": "ingest", "read_wide": "ingest",
     "series_hash": "ingest",
     "CorpusLoader": "loader", "WindowSampler": "loader", "make_loader": "loader", "validation_windows": "loader",
-    "cut_context": "loader",
+    "validation_sources": "loader", "cut_context": "loader",
     "PreprocessConfig": "preprocess", "clean_series": "preprocess",
 }
 __all__ = sorted(_EXPORTS)

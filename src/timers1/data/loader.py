@@ -312,6 +312,20 @@ class WindowSampler:
                 values[i, W - span:] = mean + std * blend
 
 
+def _validation_picks(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> list[tuple[int, int]]:
+    """(corpus row, windows before the series' end) of every validation window, in order."""
+    W = int(window_points)
+    rows = np.flatnonzero(np.asarray(corpus.held_out, dtype=bool))
+    lengths = corpus.lengths[rows].astype(np.int64)
+    windows_in_series = np.maximum(1, lengths // W)
+    picked: list[tuple[int, int]] = []
+    k = 0
+    while len(picked) < max_windows and k < windows_in_series.max(initial=0):
+        picked.extend((int(row), k) for row in rows[windows_in_series > k][: max_windows - len(picked)])
+        k += 1
+    return picked
+
+
 def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> tuple[np.ndarray, np.ndarray]:
     """The fixed validation set: (values [N, W] float32, mask [N, W] float32) from the held-out
     series only, N <= ``max_windows``, the same for every call on the same corpus.
@@ -323,14 +337,7 @@ def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_wi
     long series add windows only once every series has one. No augmentation.
     """
     W = int(window_points)
-    rows = np.flatnonzero(np.asarray(corpus.held_out, dtype=bool))
-    lengths = corpus.lengths[rows].astype(np.int64)
-    windows_in_series = np.maximum(1, lengths // W)
-    picked: list[tuple[int, int]] = []  # (corpus row, windows before the series' end)
-    k = 0
-    while len(picked) < max_windows and k < windows_in_series.max(initial=0):
-        picked.extend((int(row), k) for row in rows[windows_in_series > k][: max_windows - len(picked)])
-        k += 1
+    picked = _validation_picks(corpus, W, max_windows)
     values = np.zeros((len(picked), W), dtype=np.float32)
     mask = np.zeros((len(picked), W), dtype=np.float32)
     for i, (row, k) in enumerate(picked):
@@ -339,6 +346,24 @@ def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_wi
         values[i, W - taken:] = corpus.window(row, n - taken - k * W, taken)
         mask[i, W - taken:] = 1.0
     return values, mask
+
+
+def validation_sources(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> list[dict]:
+    """What ``validation_windows`` scores, by source: [{"source", "kind", "series", "windows"}],
+    most windows first. ``kind`` is "synthetic" for the built-in generators (sources named
+    ``synthetic.*``) and "real" for everything else, so a run can say how much of the score it
+    chooses on comes from real data."""
+    by_source: dict[str, dict] = {}
+    seen: set[int] = set()
+    for row, _ in _validation_picks(corpus, window_points, max_windows):
+        name = corpus.source_names[int(corpus.source_codes[row])]
+        entry = by_source.setdefault(name, {"source": name, "kind": "synthetic" if name.startswith("synthetic.") else "real",
+                                            "series": 0, "windows": 0})
+        entry["windows"] += 1
+        if row not in seen:
+            seen.add(row)
+            entry["series"] += 1
+    return sorted(by_source.values(), key=lambda e: (-e["windows"], e["source"]))
 
 
 def cut_context(values_NW: np.ndarray, mask_NW: np.ndarray, context_points: int,

@@ -18,7 +18,8 @@ never trained on; with ``eval.val_context_points``, also the same windows cut to
 eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join
 that step's metrics line, with the best validation loss so far and its step, which
 ``<run_dir>/val_best.json`` also holds (with ``eval.val_keep_best``, that step's weights are
-kept for ``<run_dir>/model_best``).
+kept for ``<run_dir>/model_best``). What the windows are, by source and real or synthetic, is
+printed at start-up and written to ``<run_dir>/val_sources.json``.
 The RNG state is restored afterwards, so validating changes no training batch or draw.
 
 A checkpoint is never written from weights that produced a skipped step: the interval save
@@ -76,6 +77,8 @@ budget_clock = time.monotonic
 # The best validation loss so far ({"step", "val_loss", ...}) and, with eval.val_keep_best, the
 # checkpoint of its weights; checkpoints, not GIFT or any evaluation set, are chosen on these.
 VAL_BEST_FILE = "val_best.json"
+# The validation windows by source (``timers1.data.validation_sources``), written at start-up.
+VAL_SOURCES_FILE = "val_sources.json"
 BEST_CHECKPOINT_DIR = "checkpoints_best"
 BEST_MODEL_DIR = "model_best"
 
@@ -211,11 +214,12 @@ class Trainer:
         out nothing."""
         e = self.cfg.eval
         self.val_views: list[tuple[int, np.ndarray, np.ndarray]] = []  # (context points, values, mask)
+        self.val_sources: list[dict] = []  # timers1.data.validation_sources of the windows scored
         self.val_best: dict[str, Any] | None = None
         self.best_checkpoints: CheckpointManager | None = None
         if e.val_interval_steps <= 0 or e.val_windows <= 0:
             return
-        from timers1.data import cut_context, validation_windows
+        from timers1.data import cut_context, validation_sources, validation_windows
 
         dp = self.engine.dp_size
         microbatches = self.cfg.parallel.pp_microbatches if self.cfg.parallel.pp > 1 else 1
@@ -230,6 +234,7 @@ class Trainer:
                       f"or with validation_fraction 0); eval.val_interval_steps={e.val_interval_steps} has "
                       f"nothing to score; rebuild the corpus to validate", file=sys.stderr, flush=True)
             return
+        self._report_validation_sources(validation_sources(corpus, self.window_points, e.val_windows))
         views = [(self.context_points, values_NW, mask_NW)]
         target_points = self.window_points - self.context_points
         views += [(n, *cut_context(values_NW, mask_NW, n, target_points)) for n in sorted(e.val_context_points)]
@@ -244,6 +249,23 @@ class Trainer:
         if e.val_keep_best:
             self.best_checkpoints = CheckpointManager(self.run_dir / BEST_CHECKPOINT_DIR, keep_last=1,
                                                       async_save=False)
+
+    def _report_validation_sources(self, sources: list[dict]) -> None:
+        """What validation chooses on, by source: one line at start-up (rank 0), and
+        ``val_sources.json`` in the run dir once ``fit`` writes there. A split of synthetic
+        families with a handful of real series scores something other than real data, and
+        choices made on it inherit that."""
+        self.val_sources = sources
+        if self.rank != 0:
+            return
+        kinds = {kind: [e for e in sources if e["kind"] == kind] for kind in ("real", "synthetic")}
+        parts = []
+        for kind, entries in kinds.items():
+            series, windows = sum(e["series"] for e in entries), sum(e["windows"] for e in entries)
+            parts.append(f"{kind} {series} series / {windows} windows"
+                         + (f" ({', '.join(e['source'] for e in entries[:3])}{', ...' if len(entries) > 3 else ''})"
+                            if kind == "real" and entries else ""))
+        print(f"validation split: {'; '.join(parts)} (by source: {VAL_SOURCES_FILE})", flush=True)
 
     def _validate_view(self, values_NW: np.ndarray, mask_NW: np.ndarray) -> dict[str, float]:
         """The training loss parts on one view: the mean over its global batches. Every rank
@@ -516,6 +538,8 @@ class Trainer:
             if self.rank == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 save_config(self.cfg, rundir.config_file(self.run_dir))
+                if self.val_views:
+                    rundir.write_json(self.run_dir / VAL_SOURCES_FILE, self.val_sources)
                 self._clear_control_files()
             if _is_dist():  # no rank looks for STOP before a stale one is gone
                 dist.barrier(group=self._cpu_group)
