@@ -198,6 +198,7 @@ def test_compiled_step_matches_eager(tiny_config):
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compile_))
         engine = build_engine(copy.deepcopy(model), run_cfg, device="cpu")
         assert engine.loss_cfg.compile is compile_
+        assert ("attend" in vars(engine.model_parts[0].layers["0"])) is compile_  # apply_compile ran
         result = engine.forward_backward(window, mask)
         grads = {n: p.grad.clone() for n, p in engine.model_parts[0].named_parameters()}
         results.append((result.loss_floats, grads))

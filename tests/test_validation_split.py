@@ -357,7 +357,7 @@ def test_validation_sources_count_what_validation_scores(tmp_path, capsys):
     assert all(k == "real" for n, k in kinds.items() if n.startswith("statsmodels.") or n.startswith("matplotlib."))
 
     trainer = Trainer(_cfg(out, tmp_path / "run", ["train.steps=1", "eval.val_interval_steps=1"]), progress=False)
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("validation split:")]
+    line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("validation split:")]
     scored = validation_sources(mapped, WINDOW_POINTS, 48)  # eval.val_windows=48
     for kind in ("real", "synthetic"):
         of_kind = [e for e in scored if e["kind"] == kind]

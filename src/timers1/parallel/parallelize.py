@@ -54,9 +54,15 @@ def apply_compile(model: nn.Module) -> None:
     ``TimeMoEBlock.attend`` (two RMSNorms, RoPE, QK-norm, the sigmoid gate and a residual add
     around five small GEMMs) is dozens of elementwise passes over [B, N, D] each way, which
     inductor fuses into a few loops; the MoE half already runs as hand-written kernels (and its
-    per-expert split sizes would break the graph). All blocks share one compiled graph: their
-    parameters are graph inputs.
+    per-expert split sizes would break the graph). Blocks of one class share compiled graphs
+    (their parameters are graph inputs); under FSDP the main blocks' class is FSDP's subclass and
+    the STP blocks' inner ones stay plain, so each set of variants (train/eval, padded or not,
+    two sequence lengths) exists twice, which the raised recompile limit leaves room for.
+
+    The compiled function is an instance attribute bound to its block: a deepcopy of a compiled
+    model would run the original's weights, so copies (pipeline stages) are made before this.
     """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     from timers1.model.block import TimeMoEBlock
 
     for module in model.modules():

@@ -18,8 +18,9 @@ never trained on; with ``eval.val_context_points``, also the same windows cut to
 eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join
 that step's metrics line, with the best validation loss so far and its step, which
 ``<run_dir>/val_best.json`` also holds (with ``eval.val_keep_best``, that step's weights are
-kept for ``<run_dir>/model_best``). What the windows are, by source and real or synthetic, is
-printed at start-up and written to ``<run_dir>/val_sources.json``.
+kept for ``<run_dir>/model_best``). Where the full view's windows come from, by source and real
+or synthetic, is printed at start-up and written to ``<run_dir>/val_sources.json`` (the short
+views cut the same windows).
 The RNG state is restored afterwards, so validating changes no training batch or draw.
 
 A checkpoint is never written from weights that produced a skipped step: the interval save
@@ -77,7 +78,7 @@ budget_clock = time.monotonic
 # The best validation loss so far ({"step", "val_loss", ...}) and, with eval.val_keep_best, the
 # checkpoint of its weights; checkpoints, not GIFT or any evaluation set, are chosen on these.
 VAL_BEST_FILE = "val_best.json"
-# The validation windows by source (``timers1.data.validation_sources``), written at start-up.
+# The validation windows by source (``timers1.data.validation_sources``); fit writes it.
 VAL_SOURCES_FILE = "val_sources.json"
 BEST_CHECKPOINT_DIR = "checkpoints_best"
 BEST_MODEL_DIR = "model_best"
@@ -265,7 +266,7 @@ class Trainer:
             parts.append(f"{kind} {series} series / {windows} windows"
                          + (f" ({', '.join(e['source'] for e in entries[:3])}{', ...' if len(entries) > 3 else ''})"
                             if kind == "real" and entries else ""))
-        print(f"validation split: {'; '.join(parts)} (by source: {VAL_SOURCES_FILE})", flush=True)
+        print(f"validation split: {'; '.join(parts)} (by source: {VAL_SOURCES_FILE})", file=sys.stderr, flush=True)
 
     def _validate_view(self, values_NW: np.ndarray, mask_NW: np.ndarray) -> dict[str, float]:
         """The training loss parts on one view: the mean over its global batches. Every rank
