@@ -449,7 +449,7 @@ def _torch_backward(dy_SD, x_SD, g_SF, u_SF, tokens_per_expert, w_gate_EFD, w_up
     dwd = _empty_grad(w_down_EDF, tokens_per_expert) if need[4] else None
     silu_backward = torch.ops.aten.silu_backward
     w_gate_FD, w_up_FD, w_down_DF = (w.unbind(0) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
-    dwg_FD, dwu_FD, dwd_DF = (g.unbind(0) if g is not None else None for g in (dwg, dwu, dwd))
+    dwg_FD, dwu_FD, dwd_DF = (grad.unbind(0) if grad is not None else None for grad in (dwg, dwu, dwd))
     lo = 0
     for e, n in enumerate(tokens_per_expert):
         if n == 0:
