@@ -49,7 +49,8 @@ from tqdm import tqdm
 from timers1.data import storage, synthetic
 from timers1.data.builtin import builtin_real_series
 from timers1.data.compiled import compile_corpus
-from timers1.data.corpus import DEFAULT_TARGET_SHARD_BYTES, CorpusError, CorpusWriter, SeriesRecord, read_manifest
+from timers1.data.corpus import (DEFAULT_TARGET_SHARD_BYTES, SYNTHETIC_SOURCE_PREFIX, CorpusError, CorpusWriter,
+                                 SeriesRecord, read_manifest)
 from timers1.data.ingest import (EVAL_DATASET_NAMES, RawSeries, excluded_name, hashes_of_files,
                                  normalize_name, read_long, read_wide, series_hash)
 from timers1.data.preprocess import PreprocessConfig, clean_series
@@ -321,7 +322,7 @@ def _synthetic_series(unit: _Unit) -> Iterator[tuple[RawSeries, str, str]]:
         n_points = int(round(np.exp(length_rng.uniform(np.log(lo), np.log(hi)))))
         values, freq = synthetic.generate(family, unit.seed, index, n_points)
         item = RawSeries(f"{family}_{index:06d}", values, None, spec.freq or freq)
-        yield item, spec.domain or "synthetic", f"synthetic.{family}"
+        yield item, spec.domain or "synthetic", f"{SYNTHETIC_SOURCE_PREFIX}{family}"
 
 
 def _unit_series(unit: _Unit) -> Iterator[tuple[RawSeries, str, str]]:

@@ -60,6 +60,14 @@ HELD_OUT_COLUMN = "held_out"
 OPTIONAL_COLUMNS = (HELD_OUT_COLUMN,)
 COLUMNS = [f.name for f in SCHEMA if f.name not in OPTIONAL_COLUMNS]
 
+# Source names of generated series: "synthetic.<family>" (the builder's); every other source is
+# real data (a package's dataset, or a file). Validation reports the two kinds apart.
+SYNTHETIC_SOURCE_PREFIX = "synthetic."
+
+
+def is_synthetic_source(name: str) -> bool:
+    return name.startswith(SYNTHETIC_SOURCE_PREFIX)
+
 
 class CorpusError(InputError):
     """A corpus directory, manifest or shard is missing, corrupt or not in the corpus format."""

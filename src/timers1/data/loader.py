@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from timers1.data.augment import flip_sign, fourier_resample
 from timers1.data.compiled import MappedCorpus, open_compiled
-from timers1.data.corpus import Corpus
+from timers1.data.corpus import Corpus, is_synthetic_source
 from timers1.errors import InputError
 
 STATE_VERSION = 1
@@ -350,14 +350,14 @@ def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_wi
 
 def validation_sources(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> list[dict]:
     """What ``validation_windows`` scores, by source: [{"source", "kind", "series", "windows"}],
-    most windows first. ``kind`` is "synthetic" for the built-in generators (sources named
-    ``synthetic.*``) and "real" for everything else, so a run can say how much of the score it
-    chooses on comes from real data."""
+    most windows first. ``kind`` is "synthetic" for the built-in generators
+    (``corpus.is_synthetic_source``) and "real" for everything else, so a run can say how much of
+    the score it chooses on comes from real data."""
     by_source: dict[str, dict] = {}
     seen: set[int] = set()
     for row, _ in _validation_picks(corpus, window_points, max_windows):
         name = corpus.source_names[int(corpus.source_codes[row])]
-        entry = by_source.setdefault(name, {"source": name, "kind": "synthetic" if name.startswith("synthetic.") else "real",
+        entry = by_source.setdefault(name, {"source": name, "kind": "synthetic" if is_synthetic_source(name) else "real",
                                             "series": 0, "windows": 0})
         entry["windows"] += 1
         if row not in seen:
