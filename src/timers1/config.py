@@ -222,7 +222,8 @@ class EvalConfig:
     """Series per forward pass."""
     val_interval_steps: int = 0
     """Score the corpus's validation split (its held-out series, never trained on) every this
-    many steps and at the last step; 0 turns it off."""
+    many steps and at the last step; 0 turns it off. Where the split holds real and synthetic
+    series, the real windows are also scored alone (``val_loss_real``; reported, not chosen on)."""
     val_windows: int = 256
     """Fixed validation windows (``timers1.data.loader.validation_windows``): the last
     context + horizon points of each held-out series first, then earlier windows of long ones."""
