@@ -69,7 +69,8 @@ _RDATASETS = [
 # Rows of these tables are numbered on a full grid with the missing ones left out: placed by
 # that number, a gap is a gap (imputed in preprocessing), not two hours run together.
 _RDATASETS_GRIDDED = {"NOxEmissions"}
-_RDATASETS_TIME_COLUMNS = {"time", "date", "Year", "Unnamed: 0", "julday", "day", "month", "mon"}
+# What a table with columns None holds besides its values: the ts time and the R row names.
+_RDATASETS_TIME_COLUMNS = {"time", "Unnamed: 0"}
 
 # (file, time column, value columns, freq, domain)
 _VEGA = [("seattle-temps.csv", "date", ["temp"], "H", "climate"),
