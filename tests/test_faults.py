@@ -147,6 +147,19 @@ def test_async_wait_returns_after_rename_and_pruning(corpus_dir, tmp_path, monke
     assert max(seen_at_rename) == 2 and [s for s, _ in list_checkpoints(ckpts)] == [7, 8]
 
 
+@pytest.mark.parametrize("keep_last", [1, 2, 3, 5])
+def test_pruning_keeps_the_newest_keep_last_checkpoints(tmp_path, keep_last):
+    """With fewer older checkpoints than keep_last - 1 all stay (keep_last 5 once kept 2 of 4)."""
+    import torch
+
+    from timers1.train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=keep_last, async_save=False)
+    for step in range(1, 8):
+        manager.save(step, {"model": {"w": torch.full((2,), float(step))}})
+        assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == list(range(max(1, step - keep_last + 1), step + 1))
+
+
 # ----------------------------------------------------------------------------- signals and control files
 
 SIGNAL_DURING_STARTUP = textwrap.dedent("""

@@ -172,6 +172,8 @@ class TrainConfig:
     """0: normalise each window over its whole context and score every position. f > 0: normalise over its first c observed context patches, c uniform in [f n, n], and score only positions from there on, so no scored position sees statistics of its future (the leak teaches a pull to the context mean; see timers1.losses)."""
     wql_denominator: str = "abs_target"
     """wQL denominator per patch: 'abs_target' (the paper: sum of |target|, floored) or 'series_scale' (points x the window's std: equal weight for series far from zero; see timers1.losses)."""
+    ema_decay: float = 0.0
+    """0: off. d in (0, 1): keep an exponential moving average of the weights (decay min(d, (1 + n) / (10 + n)) after n applied steps; ~1 / (1 - d) steps wide), checkpointed beside them (``ema``), scored by validation beside them (``val_ema_*``) and eligible for ``model_best``; exported to ``<run_dir>/model_ema`` at the end (timers1.train.averaging)."""
     optimizer: str = "adamw"
     """'adamw' (torch) or 'deepspeed_cpu_adam' (host-offloaded states)."""
     precision: str = "auto"
@@ -510,6 +512,7 @@ def validate(cfg: Config) -> Config:
     _require(0.0 <= t.wsd_decay_fraction <= 1.0, "train.wsd_decay_fraction", t.wsd_decay_fraction, "must be in [0, 1]")
     _require(t.wql_denominator in ("abs_target", "series_scale"), "train.wql_denominator", t.wql_denominator,
              "expected 'abs_target' or 'series_scale'")
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1) (0 turns the average off)")
     _require(0.0 <= t.norm_prefix_min_fraction <= 1.0, "train.norm_prefix_min_fraction",
              t.norm_prefix_min_fraction, "must be in [0, 1]")
     _require(t.stp_weighting in ("uniform", "inv_sqrt"), "train.stp_weighting", t.stp_weighting,

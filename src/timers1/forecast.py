@@ -126,9 +126,10 @@ class Forecaster:
         return (result * scale.unsqueeze(1) + mean.unsqueeze(1)).double().numpy()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, TimerS1]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: str = "model") -> tuple[Config, TimerS1]:
     """A model from a run directory, a training checkpoint, our model directory or the released
-    Hugging Face layout.
+    Hugging Face layout. ``weights="ema"``: a training checkpoint's averaged weights
+    (``train.ema_decay``) instead of the trained ones.
 
     A run directory whose newest checkpoint is incomplete or cannot be read falls back, with a
     warning, to the model exported beside it (``<run>/model``, written from the last checkpoint
@@ -144,12 +145,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Co
     try:
         dcp_dir = _training_checkpoint(path)
         if dcp_dir is not None:
-            return _load_training_checkpoint(dcp_dir, device)
+            return _load_training_checkpoint(dcp_dir, device, weights)
     except (hf.CheckpointFormatError, FileNotFoundError) as exc:
-        if not fallback:
+        if not fallback or weights != "model":
             raise
         print(f"warning: {exc}; loading the exported model {exported} instead", file=sys.stderr, flush=True)
         path = exported
+    if weights != "model":
+        raise hf.CheckpointFormatError(f"{path}: only a training checkpoint (or a run directory) holds {weights!r} "
+                                       f"weights; this is a model directory")
     if hf.is_hf_dir(path):
         model_cfg, moe_cfg, state = hf.read_hf_dir(path)
         cfg = Config(model=model_cfg, moe=moe_cfg)
@@ -174,8 +178,9 @@ def _training_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
-    """Weights of a sharded training checkpoint, gathered into one plain model (any layout)."""
+def _load_training_checkpoint(step_dir: Path, device, weights: str = "model") -> tuple[Config, TimerS1]:
+    """Weights of a sharded training checkpoint (its ``weights`` entry: ``model``, or ``ema``
+    for the averaged ones), gathered into one plain model (any layout)."""
     import torch.distributed.checkpoint as dcp
 
     from timers1.hf import CheckpointFormatError, read_config_file
@@ -188,7 +193,15 @@ def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
     # Allocated but not initialised: every value comes from the checkpoint (random init of an
     # 8.3B model would cost minutes for nothing).
     model = build_model(cfg.model, cfg.moe, device="meta").to_empty(device="cpu")
-    state = {"model": model.state_dict()}
+    if weights == "model":
+        state = {"model": model.state_dict()}
+    else:
+        from timers1.train.checkpoint import checkpoint_keys
+
+        if weights not in checkpoint_keys(step_dir):
+            raise CheckpointFormatError(f"{step_dir}: holds no {weights!r} weights (the run trained with "
+                                        f"train.ema_decay 0)")
+        state = {weights: {"weights": model.state_dict()}}
     # no_dist: one process reads every shard, also when called inside a multi-rank job.
     try:
         dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
@@ -196,7 +209,7 @@ def _load_training_checkpoint(step_dir: Path, device) -> tuple[Config, TimerS1]:
         reason = str(exc).strip().splitlines()
         raise CheckpointFormatError(f"{step_dir}: checkpoint cannot be read ({reason[-1] if reason else exc!r})",
                                     hint="load an older checkpoints/step_<N> directory of the run") from exc
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"] if weights == "model" else state[weights]["weights"])
     return cfg, model.to(device)
 
 

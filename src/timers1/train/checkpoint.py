@@ -238,7 +238,7 @@ class CheckpointManager:
         first, so a checkpoint half-way through removal is never taken for a complete one.
         """
         older = [(s, p) for s, p in list_checkpoints(self.directory) if s < below]
-        kept = older[len(older) - (self.keep_last - 1):] if self.keep_last > 1 else []
+        kept = older[max(0, len(older) - (self.keep_last - 1)):] if self.keep_last > 1 else []
         oldest_kept = kept[0][0] if kept else below
         for step, path in step_dirs(self.directory):
             if step < oldest_kept:

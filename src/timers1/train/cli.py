@@ -35,10 +35,14 @@ def _train(args: argparse.Namespace) -> int:
         model_dir = trainer.export_model(rundir.model_dir(cfg.train.run_dir))
         if trainer.rank == 0:
             print(f"final model: {model_dir} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+        averaged_dir = trainer.export_averaged_model()
+        if trainer.rank == 0 and averaged_dir is not None:
+            print(f"averaged weights of step {result.step}: {averaged_dir}", file=sys.stderr, flush=True)
         best_dir = trainer.export_best_model()
         if trainer.rank == 0:
             if best_dir is not None:
-                print(f"model of the best validation loss (step {trainer.val_best['step']}): {best_dir}",
+                averaged = ", averaged weights" if trainer.val_best.get("weights") == "ema" else ""
+                print(f"model of the best validation loss (step {trainer.val_best['step']}{averaged}): {best_dir}",
                       file=sys.stderr, flush=True)
             if not args.no_eval:
                 from timers1.train.final_eval import evaluate_run

@@ -60,6 +60,8 @@ from timers1.host_memory import keep_freed_host_memory
 from timers1.model import build_model
 from timers1.model.flops import train_flops_per_patch
 from timers1.parallel.engine import build_engine, uses_bf16
+from timers1.train.averaging import CHECKPOINT_KEY as EMA_KEY
+from timers1.train.averaging import WeightAverage
 from timers1.train.budget import TimeBudget
 from timers1.train.checkpoint import CheckpointManager, checkpoint_keys, rng_state, set_rng_state
 from timers1.train.faults import REQUEUE_EXIT_CODE, PreemptionSignals, StepGuard
@@ -83,6 +85,8 @@ VAL_BEST_FILE = "val_best.json"
 VAL_SOURCES_FILE = "val_sources.json"
 BEST_CHECKPOINT_DIR = "checkpoints_best"
 BEST_MODEL_DIR = "model_best"
+# The averaged weights of the last step (train.ema_decay), beside the trained ones in <run_dir>/model.
+EMA_MODEL_DIR = "model_ema"
 
 CORPUS_HINT = "check data.corpus_dir (rebuild it with `timers1 data build`), or leave it empty for the built-in corpus"
 NO_CHECKPOINT_LOADS_HINT = ("move the listed checkpoints out of the way to start from step 0, or copy a good "
@@ -114,6 +118,10 @@ def init_device() -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
 
 
 def _world() -> tuple[int, int]:
@@ -173,6 +181,7 @@ class Trainer:
             )
         self.micro_batch = t.batch_size // per_rank
         self.optim = PartOptimizers(self.engine.model_parts, t)
+        self.average = WeightAverage(self.engine.model_parts, t.ema_decay) if t.ema_decay > 0 else None
         try:
             self.loader = self._build_loader()
         except InputError as exc:
@@ -187,7 +196,7 @@ class Trainer:
         if self.budget is not None:
             self.budget.group = self._cpu_group
             self.budget.val_windows_per_train_batch = sum(
-                len(v) for _, v, _ in self.val_views + self.val_views_real) / t.batch_size
+                len(v) for _, v, _ in self.val_views + self.val_views_real) / t.batch_size * self._weight_sets
         self.step = 0
         self._last_saved_step = -1
         # An interval save that is due but waits for weights that produced an applied step.
@@ -319,16 +328,32 @@ class Trainer:
         out["val_seconds"] = time.perf_counter() - started
         return out
 
+    @property
+    def _weight_sets(self) -> int:
+        """Weights each validation scores: the trained ones, and their average when kept."""
+        return 2 if self.average is not None else 1
+
     def _record_validation(self, record: dict[str, Any]) -> None:
-        """Validate, keep the best (file, checkpoint) and add the numbers to this step's record."""
+        """Validate (the trained weights, and their average as ``val_ema_*``), keep the best of
+        either (file, checkpoint) and add the numbers to this step's record."""
         scores = self.validate()
+        seconds = scores["val_seconds"]
+        candidates = {"trained": {k: v for k, v in scores.items() if k.startswith("val_loss")}}
+        if self.average is not None:
+            with self.average.swapped_in():
+                averaged = self.validate()
+            seconds += averaged["val_seconds"]
+            candidates["ema"] = {k: v for k, v in averaged.items() if k.startswith("val_loss")}
+            scores.update({f"val_ema_{k[len('val_'):]}": v for k, v in candidates["ema"].items()})
         if self.budget is not None:
-            self.budget.validation_timed(scores["val_seconds"])
-        val_loss = scores["val_loss"]
+            self.budget.validation_timed(seconds)
+        weights, losses = min(candidates.items(), key=lambda item: _finite_or_inf(item[1]["val_loss"]))
+        val_loss = losses["val_loss"]
         if math.isfinite(val_loss) and (self.val_best is None or val_loss < self.val_best["val_loss"]):
-            self.val_best = {"step": self.step, **{k: v for k, v in scores.items() if k.startswith("val_loss")}}
+            self.val_best = {"step": self.step, "weights": weights, **losses}
             if self.best_checkpoints is not None:
-                self.best_checkpoints.save(self.step, {"model": self.optim.model_state_dict()}, blocking=True)
+                chosen = self.average.state_dict() if weights == "ema" else self.optim.model_state_dict()
+                self.best_checkpoints.save(self.step, {"model": chosen}, blocking=True)
                 if self.rank == 0:  # one best: earlier ones, and later ones of a run redone from a checkpoint, go
                     for step, path in rundir.step_dirs(self.best_checkpoints.directory):
                         if step != self.step:
@@ -338,11 +363,14 @@ class Trainer:
         record.update(scores)
         if self.val_best is not None:
             record["val_best_loss"], record["val_best_step"] = self.val_best["val_loss"], self.val_best["step"]
+            record["val_best_weights"] = self.val_best.get("weights", "trained")
         if self.rank == 0:
             real = f", real {scores['val_loss_real']:.5f}" if "val_loss_real" in scores else ""
-            print(f"step {self.step}: val_loss {val_loss:.5f} (ntp {scores['val_loss_ntp']:.5f}{real}) on "
-                  f"{scores['val_windows']} held-out windows in {scores['val_seconds']:.1f} s; best "
-                  f"{record.get('val_best_loss', float('nan')):.5f} at step {record.get('val_best_step')}",
+            ema = f"; averaged weights {scores['val_ema_loss']:.5f}" if "val_ema_loss" in scores else ""
+            best_weights = " (averaged)" if record.get("val_best_weights") == "ema" else ""
+            print(f"step {self.step}: val_loss {scores['val_loss']:.5f} (ntp {scores['val_loss_ntp']:.5f}{real}){ema} "
+                  f"on {scores['val_windows']} held-out windows in {seconds:.1f} s; best "
+                  f"{record.get('val_best_loss', float('nan')):.5f} at step {record.get('val_best_step')}{best_weights}",
                   file=sys.stderr, flush=True)
 
     def _load_val_best(self) -> None:
@@ -392,6 +420,8 @@ class Trainer:
                 "rng": pickle.dumps(rng_state()),
                 "loader": pickle.dumps(self.loader.state_dict()),
             },
+            **({EMA_KEY: {"weights": self.average.state_dict(), "updates": self.average.updates}}
+               if self.average is not None else {}),
         }
 
     def save(self, blocking: bool = False, hold: bool = False) -> None:
@@ -449,6 +479,10 @@ class Trainer:
         same_layout = saved_layout == self.layout and own in keys
         source = own if same_layout else "rank_0"
         state[source] = state.pop(own)
+        # Averaging turned on for a run whose checkpoints hold no average: it starts here.
+        start_average = EMA_KEY in state and EMA_KEY not in keys
+        if start_average:
+            del state[EMA_KEY]
         self.checkpoints.load(path, state)
         self.optim.load_model_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
@@ -457,6 +491,14 @@ class Trainer:
         self.optim.load_scheduler_state(pickle.loads(train["scheduler"]))
         self.guard.load_state_dict(pickle.loads(train["guard"]))
         self.loader.load_state_dict(pickle.loads(state[source]["loader"]))
+        if self.average is not None:
+            if start_average:
+                self.average.reset()
+                if self.rank == 0:
+                    print(f"{path} holds no averaged weights (train.ema_decay was 0): the average starts "
+                          f"at its weights", file=sys.stderr, flush=True)
+            else:
+                self.average.updates = int(state[EMA_KEY]["updates"])
         if same_layout:
             set_rng_state(pickle.loads(state[source]["rng"]))
         else:
@@ -501,6 +543,8 @@ class Trainer:
         skip_reason = self.guard.check(loss, grad_norm, self.step + 1)
         if skip_reason is None:
             self.optim.step()
+            if self.average is not None:
+                self.average.update()
         else:
             self.optim.zero_grad()
             if self.rank == 0:
@@ -662,9 +706,9 @@ class Trainer:
                 self.signals.__exit__(None, None, None)
         return TrainResult(self.step, exit_code, stopped, self.run_dir, losses[-1] if losses else None, losses)
 
-    def export_model(self, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-        """Write the newest checkpoint's weights (or ``checkpoint``'s) as a model directory
-        (config.yaml + model.safetensors).
+    def export_model(self, out_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "model") -> Path:
+        """Write the newest checkpoint's weights (or ``checkpoint``'s; its averaged ones with
+        ``weights="ema"``) as a model directory (config.yaml + model.safetensors).
 
         Rank 0 reads the sharded checkpoint whole, so every layout (pipeline stages included)
         exports the same full model.
@@ -674,7 +718,7 @@ class Trainer:
 
         self.checkpoints.wait()
         if self.rank == 0:
-            cfg, model = load_model(checkpoint or self.checkpoints.latest())
+            cfg, model = load_model(checkpoint or self.checkpoints.latest(), weights=weights)
             write_model_dir(out_dir, self.cfg, {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
         if _is_dist():
             dist.barrier()
@@ -689,3 +733,10 @@ class Trainer:
         if not checkpoint.is_dir():
             return None
         return self.export_model(self.run_dir / BEST_MODEL_DIR, checkpoint)
+
+    def export_averaged_model(self) -> Path | None:
+        """``<run_dir>/model_ema`` from the newest checkpoint's averaged weights; None without
+        ``train.ema_decay``."""
+        if self.average is None:
+            return None
+        return self.export_model(self.run_dir / EMA_MODEL_DIR, weights=EMA_KEY)
