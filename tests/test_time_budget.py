@@ -63,6 +63,22 @@ def test_budget_fits_the_step_count_and_the_schedule_follows(corpus_dir, tmp_pat
     assert last["step"] == 11 and last["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
 
 
+def test_budget_raises_the_count_again_when_steps_get_faster(corpus_dir, tmp_path, monkeypatch):
+    from timers1.train import budget
+
+    monkeypatch.setattr(budget, "RECHECK_STEPS", 4)
+    monkeypatch.setattr(budget, "RECENT_STEPS", 4)
+    cfg = make_cfg(corpus_dir, tmp_path / "a", BUDGET)
+    # 1 s per step up to step 4 (5 s of 12 spent: 11 steps), then 0.25 s: at step 8, 6 s spent
+    # and 6 s left for 24 more steps -> 32, which the clock then reaches exactly.
+    result = _fit(cfg, monkeypatch, lambda call: 1.0 if call < 5 else 0.25)
+    assert result.step == 32 and cfg.train.steps == 32
+    assert [r.get("planned_steps") for r in _records(tmp_path / "a") if "planned_steps" in r] == [11, 32]
+    assert json.loads((tmp_path / "a" / BUDGET_FILE).read_text())["decided_at_step"] == 8
+    last = _records(tmp_path / "a")[-1]
+    assert last["step"] == 32 and last["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio)
+
+
 def test_budget_stops_the_run_when_time_runs_out(corpus_dir, tmp_path, monkeypatch):
     cfg = make_cfg(corpus_dir, tmp_path / "a", BUDGET)
     # Steps take 1 s up to the decision (11 steps planned), then 3 s: the clock reads 12 s at

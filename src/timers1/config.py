@@ -140,8 +140,9 @@ class TrainConfig:
     """Optimizer steps to run."""
     time_budget_minutes: float = 0.0
     """Wall-clock budget of the run (0: none): after ``time_budget_probe_steps`` steps the trainer
-    lowers ``steps`` (never raises it) so that training ends within this many minutes of its
-    start, validation included, re-estimating as it goes (``timers1.train.budget``)."""
+    sets ``steps`` (never above the configured count, the cap) so that training ends within this
+    many minutes of its start, validation included, re-estimating as it goes and moving the count
+    down or back up as the machine's speed drifts (``timers1.train.budget``)."""
     time_budget_probe_steps: int = 50
     """Steps timed before the first budget decision; inside the warmup, the schedule up to then is unchanged."""
     batch_size: int = 256

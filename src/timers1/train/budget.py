@@ -2,17 +2,18 @@
 
 A recipe promised as "an hour on 2 cores" cannot name a step count: the same steps took 57 to
 67 minutes on this project's CPU machines from one day to the next. With a budget the trainer
-times the first ``train.time_budget_probe_steps`` steps and lowers ``train.steps`` (never raises
-it: the configured count is the cap) so that the remaining steps, at the median step time plus
-the validation passes still due, end within the budget counted from the trainer's construction
+times the first ``train.time_budget_probe_steps`` steps and sets ``train.steps`` (at most the
+configured count, the cap) so that the remaining steps, at the median step time plus the
+validation passes still due, end within the budget counted from the trainer's construction
 (model build, corpus open and compile warm-up included). The schedule reads ``train.steps``
 live, so it follows: decided inside the warmup, the learning rate up to that point is the same
 as with the final count from the start.
 
-The machine's speed drifts (10-30% within minutes here), so the estimate is repeated every
-``RECHECK_STEPS`` steps from the recent step times and may lower the count again (a small kink
-in the cosine); if the budget runs out anyway, the run stops there, validated, checkpointed and
-exported as at its last step. The count is recorded in ``<run_dir>/time_budget.json``; a resumed
+The machine's speed drifts (10-30% within minutes here, 0.36 to 0.50 s for the same step from
+one hour to the next), so the estimate is repeated every ``RECHECK_STEPS`` steps from the recent
+step times and moves the count down or back up (never above the cap; a small kink in the cosine
+either way): a slow start no longer leaves the end of a faster hour unused. If the budget runs
+out anyway, the run stops there, validated, checkpointed and exported as at its last step. The count is recorded in ``<run_dir>/time_budget.json``; a resumed
 run keeps the recorded count and does not re-time itself (its budget was the first invocation's).
 
 Every rank takes the smallest count any rank computed, and stops when any rank is out of time
@@ -115,8 +116,7 @@ class TimeBudget:
         val_time = self.val_time_s
         if val_time is None:
             val_time = FORWARD_SHARE * step_time * self.val_windows_per_train_batch
-        wanted = planned_steps(step, elapsed, self.budget_s, step_time, val_time, self.val_interval,
-                               self.train_cfg.steps)
+        wanted = planned_steps(step, elapsed, self.budget_s, step_time, val_time, self.val_interval, self.cap)
         return self._decide(step, wanted, f"time budget {self.budget_s / 60:g} min: {elapsed / 60:.1f} min spent "
                                           f"at step {step}, {step_time:.3f} s per step (median of the last "
                                           f"{min(len(self.step_times), RECENT_STEPS)}), validation "
@@ -134,7 +134,7 @@ class TimeBudget:
             agreed = torch.tensor([wanted], dtype=torch.int64)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
             wanted = int(agreed.item())
-        if wanted >= self.train_cfg.steps:
+        if wanted == self.train_cfg.steps:
             return self.train_cfg.steps, None
         before = self.train_cfg.steps
         self.train_cfg.steps = wanted

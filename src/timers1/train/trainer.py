@@ -613,7 +613,8 @@ class Trainer:
             # Steps after the checkpoint are redone: their old lines go, so each step appears once.
             logger = MetricsLogger(self.run_dir, enabled=self.rank == 0, after_step=self.step)
             start_step = self.step
-            stop_at = t.steps if self.max_steps_this_run is None else min(t.steps, self.step + self.max_steps_this_run)
+            invocation_end = math.inf if self.max_steps_this_run is None else self.step + self.max_steps_this_run
+            stop_at = min(t.steps, invocation_end)
             if self.rank == 0 and self.progress:
                 from tqdm import tqdm
 
@@ -656,7 +657,7 @@ class Trainer:
                     if self.budget is not None:
                         steps, why = self.budget.after_step(self.step)
                         if why is not None:
-                            stop_at = min(stop_at, steps)
+                            stop_at = min(steps, invocation_end)
                             record["planned_steps"] = steps
                             if self.rank == 0:
                                 save_config(self.cfg, rundir.config_file(self.run_dir))
