@@ -119,10 +119,31 @@ def test_validation_scores_both_weights_and_keeps_the_better(corpus_dir, tmp_pat
     assert all(torch.equal(v, averaged[k]) for k, v in exported.state_dict().items())
     _, from_checkpoint = load_model(run, weights="ema")
     assert all(torch.equal(v, averaged[k]) for k, v in from_checkpoint.state_dict().items())
+    assert weights == "trained" and step == 10  # ten steps of a tiny model: the average lags behind
     _, best_model = load_model(trainer.export_best_model())
-    if step == result.step:
-        source = averaged if weights == "ema" else trainer.optim.model_state_dict()
-        assert all(torch.equal(v, source[k]) for k, v in best_model.state_dict().items())
+    trained = trainer.optim.model_state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in best_model.state_dict().items())
+
+    # Where the average scores better (a later validation, its scores given), it becomes the best.
+    inside = []
+    real_validate = trainer.validate
+
+    key = next(k for k in averaged if not torch.equal(averaged[k], trained[k]))
+
+    def validate():
+        scores = real_validate()
+        swapped = torch.equal(trainer.optim.model_state_dict()[key], averaged[key])
+        inside.append(swapped)
+        return {**scores, "val_loss": 0.5 if swapped else 0.6}
+
+    trainer.validate = validate
+    record = {}
+    trainer._record_validation(record)
+    assert inside == [False, True]
+    assert (record["val_loss"], record["val_ema_loss"], record["val_best_weights"]) == (0.6, 0.5, "ema")
+    assert json.loads((run / "val_best.json").read_text())["weights"] == "ema"
+    _, best_model = load_model(trainer.export_best_model())
+    assert all(torch.equal(v, averaged[k]) for k, v in best_model.state_dict().items())
 
     # Averaging changes no training step.
     plain = Trainer(_cfg(corpus_dir, tmp_path / "b", ["train.steps=10"]), progress=False).fit()
