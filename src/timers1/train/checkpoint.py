@@ -14,6 +14,8 @@ What is saved (a flat dict of DCP entries):
   ``model``, ``optim``: from ``get_model_state_dict`` / ``get_optimizer_state_dict`` (fully
       qualified names, DTensor shards) so they load at another parallel layout (DCP reshards);
   ``train``: step, layout, scheduler state and guard state (identical on all ranks);
+  ``ema``: the averaged weights (``train.ema_decay``; keys and layout as ``model``) and their
+      update count;
   ``rank_<r>``: what is private to one rank — RNG states and the data-loader position.
       On a resharded resume the loader position is rebuilt from the step (see the trainer).
 

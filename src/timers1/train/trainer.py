@@ -19,7 +19,9 @@ real sources alone) are scored with the training objective in
 eval mode without gradients (``Engine.forward_only``): ``val_loss``, ``val_loss_ntp``, ... join
 that step's metrics line, with the best validation loss so far and its step, which
 ``<run_dir>/val_best.json`` also holds (with ``eval.val_keep_best``, that step's weights are
-kept for ``<run_dir>/model_best``). Where the full view's windows come from, by source and real
+kept for ``<run_dir>/model_best``). With ``train.ema_decay`` the averaged weights
+(``timers1.train.averaging``) are scored too (``val_ema_*``), and whichever of the two scores
+better can be the best. Where the full view's windows come from, by source and real
 or synthetic, is printed at start-up and written to ``<run_dir>/val_sources.json`` (the short
 views cut the same windows).
 The RNG state is restored afterwards, so validating changes no training batch or draw.
