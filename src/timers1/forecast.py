@@ -196,9 +196,8 @@ def _load_training_checkpoint(step_dir: Path, device, weights: str = "model") ->
     if weights == "model":
         state = {"model": model.state_dict()}
     else:
-        from timers1.train.checkpoint import checkpoint_keys
-
-        if weights not in checkpoint_keys(step_dir):
+        stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+        if not any(key.startswith(f"{weights}.") for key in stored):
             raise CheckpointFormatError(f"{step_dir}: holds no {weights!r} weights (the run trained with "
                                         f"train.ema_decay 0)")
         state = {weights: {"weights": model.state_dict()}}
