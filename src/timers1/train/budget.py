@@ -13,8 +13,9 @@ The machine's speed drifts (10-30% within minutes here, 0.36 to 0.50 s for the s
 one hour to the next), so the estimate is repeated every ``RECHECK_STEPS`` steps from the recent
 step times and moves the count down or back up (never above the cap; a small kink in the cosine
 either way): a slow start no longer leaves the end of a faster hour unused. If the budget runs
-out anyway, the run stops there, validated, checkpointed and exported as at its last step. The count is recorded in ``<run_dir>/time_budget.json``; a resumed
-run keeps the recorded count and does not re-time itself (its budget was the first invocation's).
+out anyway, the run stops there, validated, checkpointed and exported as at its last step.
+The count is recorded in ``<run_dir>/time_budget.json``; a resumed run keeps the recorded count
+and does not re-time itself (its budget was the first invocation's).
 
 Every rank takes the smallest count any rank computed, and stops when any rank is out of time
 (gloo all-reduces: one per step while a budget is timing, one per decision), so all stop together.
