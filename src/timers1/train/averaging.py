@@ -13,8 +13,8 @@ a top-level ``ema`` entry of every training checkpoint (keys as in ``model``), w
 
 The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the average spans
 about the last n / 9 steps until it reaches ``1 / (1 - decay)`` steps: the random initialisation
-is forgotten at once, and a run shorter than ~9 / (1 - decay) steps averages its last ninth. Only applied steps update it: a
-skipped step leaves the weights, and so the average, as they were.
+is forgotten at once, and a run shorter than ~9 / (1 - decay) steps averages its last ninth.
+Only applied steps update it: a skipped step leaves the weights, and so the average, as they were.
 """
 
 from __future__ import annotations
@@ -49,11 +49,15 @@ class WeightAverage:
         # State-dict entries alias the parameters (the optimizer updates them in place), so they
         # are read once. Stages share some names (the copied quantile head): each copy is
         # written on a swap, one average (the last stage's, as in model_state_dict) kept per name.
-        self._live_by_part = [get_model_state_dict(part) for part in parts]
-        live = {name: tensor for state in self._live_by_part for name, tensor in state.items()}
+        live_by_part = [get_model_state_dict(part) for part in parts]
+        live = {name: tensor for state in live_by_part for name, tensor in state.items()}
         with torch.no_grad():
             self.averaged = {name: tensor.detach().clone() for name, tensor in live.items()}
-        self._pairs = [(_local(self.averaged[name]), _local(tensor)) for name, tensor in live.items()]
+        # Local storage, listed once: what update() lerps and what a swap copies, per part.
+        self._averaged_local = [_local(self.averaged[name]) for name in live]
+        self._live_local = [_local(tensor) for tensor in live.values()]
+        self._swaps = [([_local(tensor) for tensor in state.values()],
+                        [_local(self.averaged[name]) for name in state]) for state in live_by_part]
 
     def current_decay(self) -> float:
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
@@ -61,16 +65,13 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         """Move the average towards the weights after an applied step."""
-        weight = 1.0 - self.current_decay()
-        averaged, live = zip(*self._pairs)
-        torch._foreach_lerp_(list(averaged), list(live), weight)
+        torch._foreach_lerp_(self._averaged_local, self._live_local, 1.0 - self.current_decay())
         self.updates += 1
 
     @torch.no_grad()
     def reset(self) -> None:
         """Start the average at the current weights (a resumed run whose checkpoint holds none)."""
-        for averaged, live in self._pairs:
-            averaged.copy_(live)
+        torch._foreach_copy_(self._averaged_local, self._live_local)
         self.updates = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -83,13 +84,12 @@ class WeightAverage:
         """The model runs with the averaged weights inside the block, its own ones again after
         (in place: compiled graphs and optimizer state keep referring to the same tensors)."""
         with torch.no_grad():
-            kept = [[_local(tensor).clone() for tensor in state.values()] for state in self._live_by_part]
-            for state in self._live_by_part:
-                for name, tensor in state.items():
-                    _local(tensor).copy_(_local(self.averaged[name]))
+            kept = [[tensor.clone() for tensor in live] for live, _ in self._swaps]
+            for live, averaged in self._swaps:
+                torch._foreach_copy_(live, averaged)
         try:
             yield
         finally:
             with torch.no_grad():
-                for state, own in zip(self._live_by_part, kept):
-                    torch._foreach_copy_([_local(tensor) for tensor in state.values()], own)
+                for (live, _), own in zip(self._swaps, kept):
+                    torch._foreach_copy_(live, own)
