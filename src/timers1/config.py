@@ -223,6 +223,11 @@ class EvalConfig:
     """Context used at evaluation; 0 means model.max_context_points."""
     batch_size: int = 64
     """Series per forward pass."""
+    mirror: bool = False
+    """Evaluate with the mirror ensemble at inference (``timers1.forecast``: each series' forecast
+    averaged with its negation's, mapped back); ``timers1 eval --mirror`` elsewhere."""
+    ensemble_contexts: list[int] = field(default_factory=list)
+    """Average the forecasts from these context lengths in too (``timers1 eval --ensemble-contexts``)."""
     val_interval_steps: int = 0
     """Score the corpus's validation split (its held-out series, never trained on) every this
     many steps and at the last step; 0 turns it off. Where the split holds real and synthetic
@@ -549,4 +554,6 @@ def validate(cfg: Config) -> Config:
                  f"data.context_points ({cfg.data.context_points})")
     _require(len(set(cfg.eval.val_context_points)) == len(cfg.eval.val_context_points), "eval.val_context_points",
              cfg.eval.val_context_points, "lists a length twice")
+    for n in cfg.eval.ensemble_contexts:
+        _require(n >= 1, "eval.ensemble_contexts", n, "each must be a positive number of points")
     return cfg

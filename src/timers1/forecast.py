@@ -10,6 +10,14 @@ Follows the released ``generate(x, max_new_tokens=h, revin=True)`` exactly:
   * de-normalize all quantiles at the end.
 Series of different lengths are bucketed by patch count, so every series is computed exactly
 as if it were alone (no extra padding patches enter its attention).
+
+An ensemble at inference (off by default; the released code has none): ``mirror`` also
+forecasts every series negated and maps the result back (the quantile at level q of -x is minus
+the quantile at 1 - q of x), and ``ensemble_contexts`` also forecasts from each of those shorter
+(or longer) context lengths. The members' quantiles, each sorted, are averaged level by level
+(quantile averaging keeps the average a distribution). Members see the same series from other
+sides: training samples windows negated (``data.flip_probability``) and truncated, so each
+member is a forecast the model was trained to make, and their errors are partly independent.
 """
 
 from __future__ import annotations
@@ -67,13 +75,23 @@ class Forecaster:
     """Batched quantile forecasts from a Timer-S1 model (eval mode, no grad)."""
 
     def __init__(self, model: TimerS1, max_context_points: int | None = None, batch_size: int = 64,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", mirror: bool = False, ensemble_contexts: Sequence[int] = ()):
         self.model = model.eval()
         self.device = torch.device(device)
         self.patch_points = model.model_cfg.patch_points
         self.quantiles = list(model.model_cfg.quantiles)
         self.max_context_points = max_context_points or model.model_cfg.max_context_points
         self.batch_size = batch_size
+        self.mirror = bool(mirror)
+        bad = [n for n in ensemble_contexts if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1]
+        if bad:
+            raise ForecastInputError(f"ensemble_contexts: {bad[0]!r} is not a positive number of points")
+        levels = np.asarray(self.quantiles)
+        if self.mirror and not np.allclose(np.sort(levels), 1.0 - np.sort(levels)[::-1]):
+            raise ForecastInputError(f"mirror needs quantile levels symmetric about 0.5, the model has {self.quantiles}")
+        contexts = [self.max_context_points] + [int(n) for n in ensemble_contexts]
+        # (context points, sign) of every member; the first is the plain forecast.
+        self.members = [(n, sign) for n in dict.fromkeys(contexts) for sign in ((1.0, -1.0) if self.mirror else (1.0,))]
 
     @property
     def median_index(self) -> int:
@@ -83,7 +101,20 @@ class Forecaster:
         """Quantile forecasts ``[len(context), Q, horizon]`` (float64) for 1-D series of any length."""
         if not isinstance(horizon, (int, np.integer)) or horizon < 1:
             raise ForecastInputError(f"horizon must be a positive integer, got {horizon!r}")
-        series = [impute_last_value(s, i)[-self.max_context_points:] for i, s in enumerate(context)]
+        series = [impute_last_value(s, i) for i, s in enumerate(context)]
+        if len(self.members) == 1:
+            return self._predict_context(series, horizon, self.max_context_points)
+        total = 0.0
+        for context_points, sign in self.members:
+            quantiles_NQH = self._predict_context([sign * s for s in series], horizon, context_points)
+            if sign < 0:
+                quantiles_NQH = -quantiles_NQH[:, ::-1]
+            total = total + np.sort(quantiles_NQH, axis=1)
+        return total / len(self.members)
+
+    def _predict_context(self, series: list[np.ndarray], horizon: int, context_points: int) -> np.ndarray:
+        """One member: every series cut to its last ``context_points``, bucketed by patch count."""
+        series = [s[-context_points:] for s in series]
         out = np.empty((len(series), len(self.quantiles), horizon), dtype=np.float64)
         buckets: dict[int, list[int]] = defaultdict(list)
         for i, s in enumerate(series):
@@ -91,10 +122,11 @@ class Forecaster:
         for num_patches, members in buckets.items():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
-                out[chunk] = self._predict_bucket([series[i] for i in chunk], num_patches, horizon)
+                out[chunk] = self._predict_bucket([series[i] for i in chunk], num_patches, horizon, context_points)
         return out
 
-    def _predict_bucket(self, series: list[np.ndarray], num_patches: int, horizon: int) -> np.ndarray:
+    def _predict_bucket(self, series: list[np.ndarray], num_patches: int, horizon: int,
+                        context_points: int) -> np.ndarray:
         p = self.patch_points
         width = num_patches * p
         values = torch.zeros(len(series), width, dtype=torch.float32)
@@ -112,7 +144,7 @@ class Forecaster:
         normalized, mask = normalized.to(self.device), mask.to(self.device)
         pieces = []
         produced = 0
-        max_points = max(p, (self.max_context_points // p) * p)
+        max_points = max(p, (context_points // p) * p)
         while produced < horizon:
             step = min(horizon - produced, self.model.points_per_pass)
             quantiles_BQS = self.model.forecast_pass(normalized, mask, step)
@@ -213,7 +245,9 @@ def _load_training_checkpoint(step_dir: Path, device, weights: str = "model") ->
 
 
 def load_forecaster(path: str | Path, device: str | torch.device = "cpu", max_context_points: int | None = None,
-                    batch_size: int = 64) -> Forecaster:
-    """Load a checkpoint (ours or the released HF format) for forecasting."""
+                    batch_size: int = 64, mirror: bool = False, ensemble_contexts: Sequence[int] = ()) -> Forecaster:
+    """Load a checkpoint (ours or the released HF format) for forecasting (``mirror`` and
+    ``ensemble_contexts``: the ensemble at inference, see the module's docstring)."""
     _, model = load_model(path, device)
-    return Forecaster(model, max_context_points=max_context_points, batch_size=batch_size, device=device)
+    return Forecaster(model, max_context_points=max_context_points, batch_size=batch_size, device=device,
+                      mirror=mirror, ensemble_contexts=ensemble_contexts)

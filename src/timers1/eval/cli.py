@@ -14,11 +14,13 @@ from pathlib import Path
 from timers1.errors import InputError
 
 
-def _load_checkpoint_forecaster(path: str, context_points: int = 0):
+def _load_checkpoint_forecaster(path: str, context_points: int = 0, mirror: bool = False,
+                                ensemble_contexts: list[int] | None = None):
     """The model's forecaster; imported lazily so baselines work without the model stack.
 
     ``context_points`` (0: the model's own ``max_context_points``) also sets how much history
-    the model reads, so a context sweep can go past the length it trained at."""
+    the model reads, so a context sweep can go past the length it trained at. ``mirror`` and
+    ``ensemble_contexts``: the ensemble at inference (``timers1.forecast``)."""
     if not Path(path).exists():
         raise InputError(f"--checkpoint {path}: does not exist")
     try:
@@ -26,7 +28,25 @@ def _load_checkpoint_forecaster(path: str, context_points: int = 0):
     except ImportError as exc:
         raise InputError(f"--checkpoint needs timers1.forecast.load_forecaster, which is not "
                          f"available here ({exc}); use --baseline instead") from None
-    return load_forecaster(path, max_context_points=context_points or None)
+    return load_forecaster(path, max_context_points=context_points or None, mirror=mirror,
+                           ensemble_contexts=ensemble_contexts or ())
+
+
+def _ensemble_options(args: argparse.Namespace) -> dict:
+    """The ensemble-at-inference options given on the command line (none: the plain forecaster)."""
+    options = {}
+    if args.mirror:
+        options["mirror"] = True
+    if args.ensemble_contexts:
+        options["ensemble_contexts"] = list(args.ensemble_contexts)
+    return options
+
+
+def _add_ensemble_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mirror", action="store_true",
+                        help="average with the forecasts of the negated series (an ensemble at inference)")
+    parser.add_argument("--ensemble-contexts", nargs="+", type=_positive_int, metavar="N",
+                        help="average with the forecasts from these context lengths too (an ensemble at inference)")
 
 
 def _resolve_specs(data: str, configs: list[str] | None):
@@ -55,12 +75,22 @@ def _resolve_specs(data: str, configs: list[str] | None):
 
 
 def _check_eval_options(args: argparse.Namespace) -> None:
-    """--data and --sanity each take their own options; name the one that does not belong."""
+    """--data, --sanity and --validation each take their own options; name the one that does not belong."""
     if bool(args.checkpoint) == bool(args.baseline):
         raise InputError("give exactly one of --checkpoint DIR or --baseline NAME")
-    if bool(args.data) == bool(args.sanity):
-        raise InputError("give exactly one of --data PATH (GIFT-Eval protocol) or --sanity (the sanity suite)")
-    if args.sanity:
+    if args.baseline and _ensemble_options(args):
+        raise InputError("--mirror and --ensemble-contexts are ensembles of a model's forecasts: only with --checkpoint")
+    if sum(map(bool, (args.data, args.sanity, args.validation))) != 1:
+        raise InputError("give exactly one of --data PATH (GIFT-Eval protocol), --sanity (the sanity suite) or "
+                         "--validation CONFIG (the held-out series of a run config's training corpus)")
+    if args.validation:
+        given = [flag for flag, value in (("--configs", args.configs), ("--compare", args.compare),
+                                          ("--plot", args.plot)) if value]
+        if given:
+            raise InputError(f"{', '.join(given)}: only with --data or --sanity, not with --validation")
+        if args.output and Path(args.output).suffix.lower() != ".json":
+            raise InputError(f"--output {args.output}: validation scores are written as .json")
+    elif args.sanity:
         given = [flag for flag, value in (("--configs", args.configs), ("--compare", args.compare)) if value]
         if given:
             raise InputError(f"{', '.join(given)}: only with --data, not with --sanity")
@@ -80,7 +110,8 @@ def _eval_source(args: argparse.Namespace):
     if args.baseline:
         return baseline_factory(args.baseline, n_jobs=args.jobs), args.baseline
     # runs/x/model, not "model": the run it came from
-    return _load_checkpoint_forecaster(args.checkpoint, args.context_points), str(args.checkpoint)
+    forecaster = _load_checkpoint_forecaster(args.checkpoint, args.context_points, **_ensemble_options(args))
+    return forecaster, str(args.checkpoint)
 
 
 def run_sanity(args: argparse.Namespace, source, name: str) -> int:
@@ -103,6 +134,19 @@ def run_sanity(args: argparse.Namespace, source, name: str) -> int:
     return 0
 
 
+def run_validation(args: argparse.Namespace, source, name: str) -> int:
+    from timers1.config import load_config
+    from timers1.eval.validation import score_validation
+
+    cfg = load_config(args.validation)
+    report = score_validation(source, cfg, model_name=args.name or name, batch_size=args.batch_size)
+    print(report.format_table())
+    if args.output:
+        report.save(args.output)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from timers1.eval.baselines import ForecastCache
     from timers1.eval.runner import compare_with_leaderboard, evaluate, format_comparison
@@ -110,6 +154,8 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_eval_options(args)
     if args.sanity:
         return run_sanity(args, *_eval_source(args))
+    if args.validation:
+        return run_validation(args, *_eval_source(args))
     specs = _resolve_specs(args.data, args.configs)
     cache = None if args.no_cache else ForecastCache(args.cache_dir)
     source, name = _eval_source(args)
@@ -135,7 +181,7 @@ def run_forecast(args: argparse.Namespace) -> int:
     # Validate the paths and read the input before loading the model: bad input fails fast.
     check_output_path(args.output)
     series = frame_to_series(read_long_format(args.input))
-    forecaster = _load_checkpoint_forecaster(args.checkpoint, args.context_points)
+    forecaster = _load_checkpoint_forecaster(args.checkpoint, args.context_points, **_ensemble_options(args))
     frame = forecast_series(forecaster, series, args.horizon, freq=args.freq, source=str(args.input),
                             batch_size=args.batch_size, max_context_points=args.context_points or None)
     write_frame(frame, args.output)
@@ -184,6 +230,9 @@ def register(sub) -> None:
                    help="GIFT-8 folder (e.g. ../shared/data/gift8) or a dataset YAML (configs/eval_extra.yaml)")
     p.add_argument("--sanity", action="store_true",
                    help="score the built-in sanity suite (trend, level shift, growth, ...) instead of --data")
+    p.add_argument("--validation", metavar="CONFIG.yaml",
+                   help="score the held-out series of this run config's training corpus instead of --data "
+                        "(where inference choices such as --mirror are made)")
     p.add_argument("--configs", nargs="+", metavar="NAME", help="only these configurations (e.g. m4_hourly/H/short)")
     p.add_argument("--output", help="results file: .json or .csv (required with --data; optional .json with --sanity)")
     p.add_argument("--plot", metavar="FILE.png",
@@ -193,6 +242,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call")
     p.add_argument("--context-points", type=_non_negative_int, default=0,
                    help="truncate contexts to the most recent N points (0: whole history)")
+    _add_ensemble_options(p)
     p.add_argument("--jobs", type=_positive_int, default=1, help="processes for statsforecast baselines")
     p.add_argument("--cache-dir", help="baseline forecast cache (default $TIMERS1_CACHE_DIR or ~/.cache/timers1)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the baseline cache")
@@ -214,4 +264,5 @@ def register(sub) -> None:
     f.add_argument("--batch-size", type=_positive_int, default=64, help="series per predict call")
     f.add_argument("--context-points", type=_non_negative_int, default=0,
                    help="truncate contexts to the most recent N points (0: whole history)")
+    _add_ensemble_options(f)
     f.set_defaults(func=run_forecast)

@@ -68,7 +68,8 @@ def evaluate_run(cfg: Config, model_dir: str | Path, log=None):
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     run_dir = Path(cfg.train.run_dir)
     context = cfg.eval.context_points or cfg.model.max_context_points
-    forecaster = timers1.load_forecaster(model_dir, max_context_points=context, batch_size=cfg.eval.batch_size)
+    forecaster = timers1.load_forecaster(model_dir, max_context_points=context, batch_size=cfg.eval.batch_size,
+                                         mirror=cfg.eval.mirror, ensemble_contexts=cfg.eval.ensemble_contexts)
     if cfg.eval.data_dir:
         source = Path(cfg.eval.data_dir)
         specs = load_specs_yaml(source) if source.suffix in (".yaml", ".yml") else gift8_specs(source)
@@ -77,7 +78,9 @@ def evaluate_run(cfg: Config, model_dir: str | Path, log=None):
         log(f"writing the held-out synthetic set to {run_dir / 'heldout_data'}")
         specs = heldout_specs(run_dir / "heldout_data", cfg.data.seed + HELDOUT_SEED_OFFSET)
         name = "held-out synthetic set"
-    log(f"evaluating {model_dir} on the {name} ({len(specs)} configurations), context {context} points")
+    ensemble = "".join([", mirrored" if cfg.eval.mirror else "",
+                        f", with contexts {cfg.eval.ensemble_contexts}" if cfg.eval.ensemble_contexts else ""])
+    log(f"evaluating {model_dir} on the {name} ({len(specs)} configurations), context {context} points{ensemble}")
     # A bar per configuration on a terminal; a line as each one ends everywhere.
     report = evaluate(forecaster, specs, model_name=str(model_dir), batch_size=cfg.eval.batch_size,
                       max_context_points=context, log=log, progress=True)
