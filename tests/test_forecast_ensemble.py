@@ -143,6 +143,10 @@ def test_eval_cli_validation_with_an_ensemble(val_setup, tmp_path, capsys):
     assert "validation split of" in out and "mean" in out
     a, b = json.loads(plain.read_text()), json.loads(mirrored.read_text())
     assert a["summary"]["CRPS"] > 0 and b["summary"]["CRPS"] > 0 and a["summary"] != b["summary"]
+    # A baseline scores too (without seasonality: the windows carry no frequency).
+    naive = tmp_path / "naive.json"
+    assert cli.main(["eval", "--baseline", "naive", "--validation", str(cfg_path), "--output", str(naive)]) == 0
+    assert json.loads(naive.read_text())["model"] == "naive (seasonality 1)"
     for args, message in ((["--baseline", "naive", "--validation", str(cfg_path), "--mirror"], "only with --checkpoint"),
                           (["--checkpoint", str(model_dir), "--validation", str(cfg_path), "--sanity"],
                            "exactly one of --data"),

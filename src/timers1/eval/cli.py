@@ -139,6 +139,10 @@ def run_validation(args: argparse.Namespace, source, name: str) -> int:
     from timers1.eval.validation import score_validation
 
     cfg = load_config(args.validation)
+    if not hasattr(source, "predict"):
+        # A baseline is built per seasonality; corpus windows carry no frequency, so none.
+        source = source(1)
+        name = f"{name} (seasonality 1)"
     report = score_validation(source, cfg, model_name=args.name or name, batch_size=args.batch_size)
     print(report.format_table())
     if args.output:
