@@ -62,6 +62,11 @@ class ModelConfig:
     max_context_points: int = 11520
     """Forecasting truncates contexts to the most recent this-many points."""
 
+    @property
+    def points_per_pass(self) -> int:
+        """Points one forward pass forecasts: a patch from the main stack and one per TimeSTP block."""
+        return (self.num_stp_blocks + 1) * self.patch_points
+
 
 @dataclass
 class MoEConfig:
@@ -259,6 +264,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def window_points(self) -> int:
+        """Points of one training (and validation) window: the context and what one pass forecasts."""
+        return self.data.context_points + self.model.points_per_pass
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -127,7 +127,7 @@ def run(args) -> int:
         model = build_model(cfg.model, cfg.moe)
         engine = build_engine(model, cfg, world_size=1)
         optimizer = build_optimizer([model], cfg.train)
-        width = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
+        width = cfg.window_points
         values = torch.randn(cfg.train.batch_size, width).cumsum(-1)
         mask = torch.ones_like(values)
 

@@ -47,7 +47,7 @@ class TrainingRig:
         self.model = model if model is not None else build_model(cfg.model, cfg.moe, device=device)
         self.engine = build_engine(self.model, cfg, world_size=world_size, device=device)
         self.optimizers = PartOptimizers(self.engine.model_parts, cfg.train)
-        self.window_points = cfg.data.context_points + (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
+        self.window_points = cfg.window_points
         self.rank_windows = cfg.train.batch_size // self.engine.dp_size
         self.generator = torch.Generator(device=device).manual_seed(seed + self.engine.dp_rank)
         self.patches_per_step = cfg.train.batch_size * cfg.data.context_points // cfg.model.patch_points

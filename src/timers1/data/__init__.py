@@ -34,6 +34,7 @@ _EXPORTS = {
     "series_hash": "ingest",
     "CorpusLoader": "loader", "WindowSampler": "loader", "make_loader": "loader", "validation_windows": "loader",
     "validation_sources": "loader", "validation_real_windows": "loader", "cut_context": "loader",
+    "observes_more_context": "loader",
     "PreprocessConfig": "preprocess", "clean_series": "preprocess",
 }
 __all__ = sorted(_EXPORTS)

@@ -374,6 +374,12 @@ def validation_sources(corpus: Corpus | MappedCorpus, window_points: int, max_wi
     return sorted(by_source.values(), key=lambda e: (-e["windows"], e["source"]))
 
 
+def observes_more_context(mask_NW: np.ndarray, context_points: int, target_points: int) -> np.ndarray:
+    """[N] bool: the windows whose context (all but the last ``target_points``) observes more than
+    ``context_points`` points, the ones ``cut_context`` keeps."""
+    return mask_NW[:, : mask_NW.shape[1] - target_points].sum(axis=1) > context_points
+
+
 def cut_context(values_NW: np.ndarray, mask_NW: np.ndarray, context_points: int,
                 target_points: int) -> tuple[np.ndarray, np.ndarray]:
     """The windows that observe more than ``context_points`` context points, cut to their last
@@ -382,7 +388,7 @@ def cut_context(values_NW: np.ndarray, mask_NW: np.ndarray, context_points: int,
     a few years of monthly data) ask them. Windows already that short are left out, not repeated."""
     W = values_NW.shape[1]
     keep = int(context_points) + int(target_points)
-    longer = mask_NW[:, : W - target_points].sum(axis=1) > context_points
+    longer = observes_more_context(mask_NW, context_points, target_points)
     values, mask = values_NW[longer].copy(), mask_NW[longer].copy()
     values[:, : W - keep] = 0.0
     mask[:, : W - keep] = 0.0

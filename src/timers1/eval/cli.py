@@ -14,13 +14,12 @@ from pathlib import Path
 from timers1.errors import InputError
 
 
-def _load_checkpoint_forecaster(path: str, context_points: int = 0, mirror: bool = False,
-                                ensemble_contexts: list[int] | None = None):
+def _load_checkpoint_forecaster(path: str, context_points: int = 0, **ensemble):
     """The model's forecaster; imported lazily so baselines work without the model stack.
 
     ``context_points`` (0: the model's own ``max_context_points``) also sets how much history
-    the model reads, so a context sweep can go past the length it trained at. ``mirror`` and
-    ``ensemble_contexts``: the ensemble at inference (``timers1.forecast``)."""
+    the model reads, so a context sweep can go past the length it trained at. ``ensemble``:
+    ``mirror`` and ``ensemble_contexts``, the ensemble at inference (``_ensemble_options``)."""
     if not Path(path).exists():
         raise InputError(f"--checkpoint {path}: does not exist")
     try:
@@ -28,8 +27,7 @@ def _load_checkpoint_forecaster(path: str, context_points: int = 0, mirror: bool
     except ImportError as exc:
         raise InputError(f"--checkpoint needs timers1.forecast.load_forecaster, which is not "
                          f"available here ({exc}); use --baseline instead") from None
-    return load_forecaster(path, max_context_points=context_points or None, mirror=mirror,
-                           ensemble_contexts=ensemble_contexts or ())
+    return load_forecaster(path, max_context_points=context_points or None, **ensemble)
 
 
 def _ensemble_options(args: argparse.Namespace) -> dict:

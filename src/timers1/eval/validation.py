@@ -86,27 +86,26 @@ def score_validation(forecaster: Forecaster, cfg: Config, model_name: str = "mod
     """Score ``forecaster`` on the held-out windows of ``cfg``'s corpus (``data.corpus_dir``, or
     the built-in one of ``data.seed``), in the trainer's views: the full context
     (``data.context_points``) and each ``eval.val_context_points`` cut, horizon one pass of the
-    model (``(model.num_stp_blocks + 1) * model.patch_points``)."""
-    from timers1.data import cut_context, validation_real_windows, validation_windows
+    model (``model.points_per_pass``)."""
+    from timers1.data import cut_context, observes_more_context, validation_real_windows, validation_windows
     from timers1.data.builder import ensure_default_corpus
     from timers1.data.compiled import open_compiled
 
     corpus_dir = cfg.data.corpus_dir or str(ensure_default_corpus(seed=cfg.data.seed))
     corpus = open_compiled(corpus_dir)
-    target_points = (cfg.model.num_stp_blocks + 1) * cfg.model.patch_points
-    window_points = cfg.data.context_points + target_points
+    target_points, window_points = cfg.model.points_per_pass, cfg.window_points
     values_NW, mask_NW = validation_windows(corpus, window_points, cfg.eval.val_windows)
     report = ValidationReport(model=model_name, corpus=str(corpus_dir))
     if len(values_NW) == 0:
         raise ValueError(f"{corpus_dir}: holds out no series for validation (built with validation_fraction 0?)")
     real_N = validation_real_windows(corpus, window_points, cfg.eval.val_windows)
-    context_W = window_points - target_points
-    views = [(cfg.data.context_points, values_NW, mask_NW, real_N)]
+    context_W = cfg.data.context_points
+    views = [(context_W, values_NW, mask_NW, real_N)]
     for n in sorted(cfg.eval.val_context_points):
-        longer_N = mask_NW[:, :context_W].sum(axis=1) > n  # the windows cut_context keeps
+        longer_N = observes_more_context(mask_NW, n, target_points)
         views.append((n, *cut_context(values_NW, mask_NW, n, target_points), real_N[longer_N]))
     for context_points, values, mask, real in views:
-        seen = mask[:, :context_W].sum(axis=1) > 0  # a series no longer than the horizon has no context
+        seen = observes_more_context(mask, 0, target_points)  # a series no longer than the horizon has no context
         values, mask, real = values[seen], mask[seen], real[seen]
         if len(values) == 0:
             continue

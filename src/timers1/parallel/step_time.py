@@ -437,7 +437,7 @@ def rank_work(cfg: Config, dims: ParallelDims, precision: str, pp_rank: int = 0,
     if pp > 1:
         mb_tokens = windows / microbatches * patches / tp
         h_b = mb_tokens * m.hidden_size * act_b * (2 if m.num_stp_blocks else 1)
-        window_b = 2 * windows / microbatches * (cfg.data.context_points + (m.num_stp_blocks + 1) * m.patch_points) * 4
+        window_b = 2 * windows / microbatches * cfg.window_points * 4
         sends_fwd = sum(1 for s in stage_ids if s < num_stages - 1)
         sends_bwd = sum(1 for s in stage_ids if s > 0)
         pp_stride = dims.dp * tp

@@ -157,7 +157,7 @@ class Trainer:
         t = cfg.train
         self.patch = cfg.model.patch_points
         self.context_points = cfg.data.context_points
-        self.window_points = self.context_points + (cfg.model.num_stp_blocks + 1) * self.patch
+        self.window_points = cfg.window_points
 
         # Same initial weights on every rank: seeded init before any sharding.
         torch.manual_seed(t.seed)
